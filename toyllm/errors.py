@@ -1,0 +1,24 @@
+"""Typed errors. The CLI turns every `ToyLLMError` into one line on stderr and exit code 2.
+
+Library code raises these (never `SystemExit`) so that Python callers can catch them and read the message.
+"""
+
+
+class ToyLLMError(Exception):
+    """Base class: a problem the user can fix, with a message that says how."""
+
+
+class InvalidArgumentError(ToyLLMError, ValueError):
+    """A parameter is out of range (a sampling knob, a length, a device)."""
+
+
+class ModelNotFoundError(ToyLLMError):
+    """The name is neither a preset, a local checkpoint nor a Hub id we could resolve."""
+
+
+class CheckpointError(ToyLLMError):
+    """A checkpoint exists but is missing files, truncated, corrupt or of another architecture."""
+
+
+class HubUnavailableError(ToyLLMError):
+    """The Hugging Face Hub cannot be reached and the model is not in the local cache."""

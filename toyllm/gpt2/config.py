@@ -1,0 +1,94 @@
+"""GPT-2 hyper-parameters with Hugging Face field names, so `config.json` files round-trip unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from toyllm.errors import ModelNotFoundError
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"  # tanh-approximated GELU
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    tie_word_embeddings: bool = True
+    # Fields we keep only so that a config.json from the Hub survives a load/save round trip.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> GPT2Config:
+        """A preset by name (`gpt2`, `gpt2-medium`, `openai-community/gpt2-xl`, `gpt2-tiny`, ...)."""
+        key = PRESET_ALIASES.get(name, name)
+        if key not in PRESETS:
+            known = ", ".join(sorted(PRESETS))
+            raise ModelNotFoundError(f"unknown preset '{name}'; known presets: {known}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPT2Config:
+        """Read a Hugging Face `config.json`; unknown keys are kept in `extra` and written back on save."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` that `transformers.GPT2LMHeadModel.from_pretrained` expects."""
+        out: dict[str, Any] = dict(self.extra)
+        out.update({k: v for k, v in dataclasses.asdict(self).items() if k != "extra"})
+        out["model_type"] = "gpt2"
+        out["architectures"] = ["GPT2LMHeadModel"]
+        # The pre-v4 names that some tools still read.
+        out["n_ctx"] = self.n_positions
+        return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),  # 82M
+    # Tiny shapes for tests, examples and quick training on a laptop CPU. Real vocabulary, so the tokenizer fits.
+    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
+    "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128, n_positions=512),
+}
+
+PRESET_ALIASES: dict[str, str] = {
+    "gpt2-small": "gpt2",
+    "openai-community/gpt2": "gpt2",
+    "openai-community/gpt2-medium": "gpt2-medium",
+    "openai-community/gpt2-large": "gpt2-large",
+    "openai-community/gpt2-xl": "gpt2-xl",
+    "distilbert/distilgpt2": "distilgpt2",
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS) + sorted(PRESET_ALIASES)
