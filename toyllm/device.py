@@ -40,6 +40,4 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise InvalidArgumentError(
-            f"unknown dtype '{name}'; choose float32, bfloat16 or float16"
-        ) from None
+        raise InvalidArgumentError(f"unknown dtype '{name}'; choose float32, bfloat16 or float16") from None

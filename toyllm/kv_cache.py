@@ -11,9 +11,14 @@ reads rows [0, length).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from toyllm.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from toyllm.gpt2.model import GPT2LMHeadModel
 
 
 class KVCache:
@@ -34,7 +39,7 @@ class KVCache:
         self.length = 0  # rows [0, length) hold valid keys/values for every layer
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int | None = None) -> KVCache:
+    def for_model(cls, model: GPT2LMHeadModel, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache sized for `model` (a GPT2LMHeadModel or anything with `.config`), in its dtype and device."""
         cfg = model.config
         param = next(model.parameters())

@@ -175,9 +175,7 @@ class GPT2LMHeadModel(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
-            raise ValueError(
-                f"sequence of {past + T} tokens exceeds the context window of {self.config.n_positions}"
-            )
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context window of {self.config.n_positions}")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
@@ -247,5 +245,3 @@ class GPT2LMHeadModel(nn.Module):
         from toyllm.gpt2.weights import save_pretrained
 
         save_pretrained(self, directory)
-
-

@@ -1,0 +1,1 @@
+"""The `toyllm` command: a thin layer over the library API."""

@@ -1,0 +1,63 @@
+"""The Typer application object and the error boundary shared by every subcommand.
+
+Subcommand modules (`generate.py`, `bench.py`, `train.py`, ...) import `app` from here and register themselves;
+`main.py` imports them all. Keeping the app in its own module avoids import cycles between them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from toyllm.errors import ToyLLMError
+
+app = typer.Typer(
+    name="toyllm",
+    help="A small, fast, readable GPT-2: generate, benchmark, train and evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    add_completion=False,
+)
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one red line on stderr and return the Exit to raise: `raise fail("...")`."""
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
+    return typer.Exit(code)
+
+
+def run_app(argv: list[str] | None = None) -> int:
+    """Run the CLI so that every known error is one line and exit code 2, never a traceback.
+
+    Set TOYLLM_DEBUG=1 to see the traceback of an unexpected error.
+    """
+    try:
+        app(args=argv, prog_name="toyllm", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except ToyLLMError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        return 130
+    except Exception as exc:  # an unexpected failure: still one line, with the way to get details
+        if os.environ.get("TOYLLM_DEBUG"):
+            raise
+        err_console.print(
+            f"internal error: {type(exc).__name__}: {exc} (set TOYLLM_DEBUG=1 for the traceback)",
+            soft_wrap=True,
+            markup=False,
+        )
+        return 1
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_app())

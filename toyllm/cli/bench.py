@@ -1,0 +1,1 @@
+"""Placeholder: the `bench` subcommands land here."""

@@ -1,0 +1,1 @@
+"""Placeholder: the `generate` subcommands land here."""

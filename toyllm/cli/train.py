@@ -1,0 +1,1 @@
+"""Placeholder: the `train` subcommands land here."""

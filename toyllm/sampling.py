@@ -1,0 +1,111 @@
+"""Sampling as pure functions over logits, with Hugging Face semantics and order.
+
+A decode step turns the model's last logits (B, vocab) into the next tokens (B,):
+
+    repetition_penalty -> temperature -> top_k -> top_p -> softmax -> multinomial
+
+Each function takes logits and returns new logits (nothing is modified in place), so speculative decoding can run
+the exact same pipeline on the draft's and the target's logits and compare the resulting distributions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from toyllm.errors import InvalidArgumentError
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Make every token already in `previous_ids` (prompt included) less likely, the CTRL/HF way.
+
+    A seen token's logit is divided by `penalty` when positive and multiplied when negative, so penalty > 1 always
+    pushes it down. logits: (B, V); previous_ids: (B, T); valid: (B, T) with 0 for left padding, which is not
+    counted as "seen" (so a padded row behaves exactly like the same prompt alone).
+    """
+    if penalty == 1.0:
+        return logits
+    weight = torch.ones_like(previous_ids, dtype=logits.dtype) if valid is None else valid.to(logits.dtype)
+    seen = torch.zeros_like(logits).scatter_add_(1, previous_ids, weight) > 0  # (B, V)
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by T: T < 1 sharpens the distribution, T > 1 flattens it. T == 0 (greedy) is handled by `sample`."""
+    if temperature in (0.0, 1.0):
+        return logits
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the k largest logits (and every logit tied with the k-th, as HF does); 0 disables."""
+    if top_k <= 0 or top_k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, top_k).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches top_p.
+
+    Like HF we sort ascending and drop the tail whose cumulative probability is <= 1 - top_p, always keeping the
+    most likely token.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False)  # (B, V) ascending
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)  # back to vocabulary order
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(
+    logits: torch.Tensor,
+    previous_ids: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The whole HF-ordered pipeline, in float32. With temperature 0 only the penalty applies (greedy)."""
+    logits = logits.float()
+    if previous_ids is not None:
+        logits = apply_repetition_penalty(logits, previous_ids, repetition_penalty, valid)
+    if temperature == 0.0:
+        return logits
+    logits = apply_temperature(logits, temperature)
+    logits = apply_top_k(logits, top_k)
+    return apply_top_p(logits, top_p)
+
+
+def logits_to_probs(processed: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distribution a token is drawn from. Greedy (temperature 0) is a one-hot on the argmax."""
+    if temperature == 0.0:
+        return torch.nn.functional.one_hot(processed.argmax(dim=-1), processed.size(-1)).to(processed.dtype)
+    return torch.softmax(processed, dim=-1)
+
+
+def sample(processed: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row (B,) from processed logits (B, V)."""
+    if temperature == 0.0:
+        return processed.argmax(dim=-1)
+    probs = torch.softmax(processed, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def validate_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
+    """Reject values that would silently produce garbage, with a message that says the allowed range."""
+    if not temperature >= 0:  # also catches NaN
+        raise InvalidArgumentError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k < 0:
+        raise InvalidArgumentError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise InvalidArgumentError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
