@@ -1,0 +1,256 @@
+"""The `toyllm generate` / `toyllm download` commands and the seed-compatible scripts.
+
+Every user mistake must end as one line on stderr and exit code 2, never a traceback. Each subprocess pays for
+importing torch (seconds on a small machine), so most cases run the app in-process through `run_app`, the same
+error boundary that the console script uses; a handful of subprocess runs check the real process boundary: the
+`python -m` entry point, the scripts run as files, and the Hugging Face offline mode (read at import time).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from toyllm.cli.main import run_app
+from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "random:gpt2-tiny", "--max-new-tokens", "5", "--seed", "0"]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def assert_one_line_error(self, *fragments: str) -> None:
+        """Exit code 2, exactly one non-empty line on stderr holding every fragment, and no traceback."""
+        assert self.code == 2, (self.code, self.out, self.err)
+        lines = [line for line in self.err.splitlines() if line.strip()]
+        assert len(lines) == 1, self.err
+        assert "Traceback" not in self.err + self.out
+        for fragment in fragments:
+            assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """Run `toyllm ARGS...` in this process and capture what it prints."""
+
+    def run(*args: str) -> Result:
+        code = run_app(list(args))
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """A child environment that finds `toyllm` in this checkout and sees an empty, offline Hugging Face cache."""
+    env = {k: v for k, v in os.environ.items() if k != "TOYLLM_DEBUG"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_HOME"] = str(tmp_path / "hf")
+    env["HF_HUB_CACHE"] = str(tmp_path / "hf" / "hub")
+    return env
+
+
+def run_process(args: list[str], tmp_path: Path) -> Result:
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=offline_env(tmp_path), cwd=tmp_path, timeout=120
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def toyllm(*args: str, tmp_path: Path) -> Result:
+    return run_process(["-m", "toyllm.cli.main", *args], tmp_path)
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A tiny local checkpoint directory, as `save_pretrained` writes it."""
+    torch.manual_seed(0)
+    directory = tmp_path / "tiny"
+    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).save_pretrained(directory)
+    return directory
+
+
+# -- through a real process ---------------------------------------------------------------------------------------
+
+
+def test_help(tmp_path: Path) -> None:
+    top = toyllm("--help", tmp_path=tmp_path)
+    assert top.code == 0 and "generate" in top.out
+    sub = toyllm("generate", "--help", tmp_path=tmp_path)
+    assert sub.code == 0
+    for option in ("--max-new-tokens", "--top-p", "--no-kv-cache", "--draft-layers", "random:gpt2"):
+        assert option in sub.out
+
+
+def test_generate_in_a_process(tmp_path: Path) -> None:
+    result = toyllm("generate", "Hello world", *TINY, tmp_path=tmp_path)
+    assert result.code == 0, result.err
+    assert result.out.startswith("Hello world") and len(result.out.strip()) > len("Hello world")
+    assert "tokens/s" in result.err and "5 new tokens" in result.err
+
+
+def test_hub_offline_without_cache_says_how_to_proceed(tmp_path: Path) -> None:
+    result = toyllm("generate", "Hello", "--model", "gpt2", tmp_path=tmp_path)
+    result.assert_one_line_error("random:gpt2", "HF_HUB_OFFLINE")
+
+
+def test_seed_scripts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """run_gpt2.py as a file (no install needed), run_gpt2_kv.py in-process (the same code): the same text."""
+    from toyllm.cli import run_gpt2_kv
+
+    flags = ["--model", "random:gpt2-tiny", "--prompt", "Hi", "--max_length", "5", "--seed", "0",
+             "--temperature", "0.7", "--top_p", "0.9", "--top_k", "20", "--repetition_penalty", "1.1"]  # fmt: skip
+    plain = run_process([str(ROOT / "toyllm/cli/run_gpt2.py"), *flags], tmp_path)
+    assert plain.code == 0, plain.err
+    assert plain.out.startswith("Hi") and "tokens/s" in plain.err
+    assert run_gpt2_kv.main([*flags, "--use_kv_cache", "--chunk_size", "1"]) == 0
+    cached = capsys.readouterr()
+    assert cached.out == plain.out  # same seed, same model: the cache changes the speed, not the text
+    assert "tokens/s" in cached.err
+
+
+def test_seed_invocation_offline_fails_cleanly(tmp_path: Path) -> None:
+    """The seed project's exact command line parses; here (no Hub, empty cache) it stops with the way forward."""
+    result = run_process(
+        [str(ROOT / "toyllm/cli/run_gpt2.py"), "--temperature", "0.7", "--max_length", "100"], tmp_path
+    )
+    result.assert_one_line_error("random:gpt2")
+
+
+# -- in-process: option checks happen before any model is loaded --------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", refuse)
+
+
+BAD_OPTIONS = [
+    (["--temperature", "-0.5"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-k", "-1"], "top_k"),
+    (["--repetition-penalty", "0"], "repetition_penalty"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--chunk-size", "0"], "chunk_size"),
+    (["--lookahead-schedule", "sometimes"], "lookahead_schedule"),
+    (["--dtype", "float8"], "dtype"),
+    (["--draft", "random:gpt2-tiny", "--draft-layers", "1"], "not both"),
+]
+
+
+@pytest.mark.parametrize(("options", "fragment"), BAD_OPTIONS, ids=[fragment for _, fragment in BAD_OPTIONS])
+def test_bad_options_fail_fast(cli, no_model_loading: None, options: list[str], fragment: str) -> None:
+    cli("generate", "Hello", *options).assert_one_line_error(fragment)
+
+
+def test_empty_prompt(cli, no_model_loading: None) -> None:
+    cli("generate", "").assert_one_line_error("prompt is empty")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(cli, no_model_loading: None) -> None:
+    cli("generate", "Hello", "--device", "cuda").assert_one_line_error("CUDA is not available")
+
+
+# -- in-process: models ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_preset(cli) -> None:
+    cli("generate", "Hello", "--model", "random:gpt2-huge").assert_one_line_error("unknown preset", "gpt2-tiny")
+
+
+def test_missing_checkpoint_directory(cli, tmp_path: Path) -> None:
+    cli("generate", "Hello", "--model", str(tmp_path / "nowhere")).assert_one_line_error("nowhere")
+    cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "nothere")).assert_one_line_error("nothere")
+
+
+def test_local_checkpoint(cli, checkpoint: Path) -> None:
+    result = cli("generate", "Hello", "--model", str(checkpoint), "--max-new-tokens", "4", "--seed", "0")
+    assert result.code == 0, result.err
+    assert result.out.startswith("Hello") and "4 new tokens" in result.err
+    # The reference path (no cache) and a chunked prefill give the same text for the same seed.
+    slow = cli("generate", "Hello", "--model", str(checkpoint), "--max-new-tokens", "4", "--seed", "0",
+               "--no-kv-cache", "--chunk-size", "1")  # fmt: skip
+    assert slow.code == 0 and slow.out == result.out
+
+
+def test_checkpoint_without_weights(cli, checkpoint: Path) -> None:
+    (checkpoint / "model.safetensors").unlink()
+    cli("generate", "Hello", "--model", str(checkpoint)).assert_one_line_error("model.safetensors")
+
+
+def test_truncated_checkpoint(cli, checkpoint: Path) -> None:
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cli("generate", "Hello", "--model", str(checkpoint)).assert_one_line_error("model.safetensors")
+
+
+def test_corrupt_config(cli, checkpoint: Path) -> None:
+    (checkpoint / "config.json").write_text("{not json")
+    cli("generate", "Hello", "--model", str(checkpoint)).assert_one_line_error("config.json")
+
+
+def test_prompt_longer_than_the_window(cli) -> None:
+    prompt = "hello " * 300  # gpt2-tiny has a 256-token context
+    cli("generate", prompt, *TINY, "--no-window").assert_one_line_error("context window", "--no-window")
+    assert cli("generate", prompt, *TINY).code == 0  # sliding (the default) keeps the most recent tokens
+
+
+def test_stream_prints_what_generate_prints(cli) -> None:
+    options = [
+        *TINY,
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.95",
+        "--repetition-penalty",
+        "1.2",
+    ]
+    whole = cli("generate", "Once upon a time", *options)
+    streamed = cli("generate", "Once upon a time", *options, "--stream")
+    assert whole.code == streamed.code == 0
+    assert streamed.out == whole.out and whole.out.startswith("Once upon a time")
+
+
+def test_stop_string(cli) -> None:
+    full = cli("generate", "Once upon a time", *TINY, "--max-new-tokens", "12")
+    completion = full.out.removeprefix("Once upon a time").rstrip("\n")
+    stop = completion[3:5]
+    assert stop.strip(), completion  # random text: pick two characters from the middle
+    cut = cli("generate", "Once upon a time", *TINY, "--max-new-tokens", "12", "--stop", stop)
+    assert cut.code == 0
+    assert cut.out == "Once upon a time" + completion[: completion.index(stop)] + "\n"
+
+
+def test_self_speculative_prints_its_statistics(cli) -> None:
+    pytest.importorskip("toyllm.speculative")
+    result = cli("generate", "Hello", *TINY, "--draft-layers", "1", "--lookahead", "3")
+    assert result.code == 0, result.err
+    assert result.out.startswith("Hello") and "tokens/s" in result.err
+
+
+def test_download_rejects_a_random_model(cli) -> None:
+    cli("download", "random:gpt2").assert_one_line_error("random:gpt2")
+
+
+def test_download_of_a_local_directory_prints_it(cli, checkpoint: Path) -> None:
+    result = cli("download", str(checkpoint))
+    assert result.code == 0 and result.out.strip() == str(checkpoint)

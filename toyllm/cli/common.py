@@ -1,0 +1,253 @@
+"""What the text-generation entry points share: checking options, loading the model, tokenizer and draft, printing.
+
+`toyllm generate` and the seed-compatible scripts (`run_gpt2.py`, `run_gpt2_kv.py`) all go through `run_generate`,
+so they validate the same way, fail with the same one-line errors and report the same statistics. Other commands
+can reuse the pieces (`check_options`, `load_model`, `load_tokenizer_for`, `load_draft`, `format_stats`).
+
+The order matters for the user: everything that is cheap to check (sampling knobs, prompt, device, dtype) is checked
+before the model is loaded, which can mean reading or downloading gigabytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from rich.text import Text
+
+from toyllm.cli.app import err_console
+from toyllm.device import resolve_device, resolve_dtype
+from toyllm.errors import InvalidArgumentError, ToyLLMError
+from toyllm.generation import GenerationConfig, GenerationStats, generate_text, stream_text
+from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
+DEFAULT_MODEL = "gpt2"
+
+
+def check_options(
+    config: GenerationConfig, prompt: str, device: str = "auto", dtype: str | None = "float32"
+) -> tuple[torch.device, torch.dtype | None]:
+    """Validate everything that does not need the model; return the resolved (device, dtype).
+
+    Raises `InvalidArgumentError` (one line, exit 2 in the CLI) for an out-of-range knob, an empty prompt, an unknown
+    dtype or `cuda` on a machine without CUDA.
+    """
+    config.validate()
+    if prompt == "":
+        raise InvalidArgumentError("the prompt is empty: give at least one character of text")
+    return resolve_device(device), resolve_dtype(dtype)
+
+
+def load_model(
+    name_or_path: str | Path, device: torch.device, dtype: torch.dtype | None, seed: int | None = None
+) -> GPT2LMHeadModel:
+    """Load a Hub id, a local checkpoint directory or `random:<preset>`.
+
+    Seeding first makes `random:<preset>` weights repeatable, so `--seed` fixes the whole run, not only sampling.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return GPT2LMHeadModel.from_pretrained(name_or_path, device=device, dtype=dtype)
+
+
+def load_tokenizer_for(name_or_path: str | Path, override: str | Path | None = None) -> Tokenizer:
+    """The tokenizer that belongs to a model: its checkpoint's `vocab.json`/`merges.txt`, else standard GPT-2.
+
+    Call it after `load_model`: for a Hub id the tokenizer files are then in the Hugging Face cache, where
+    `load_tokenizer` finds them without another round trip to the Hub.
+    """
+    return load_tokenizer(override if override is not None else name_or_path)
+
+
+def load_draft(
+    model: GPT2LMHeadModel,
+    draft: str | Path | None,
+    draft_layers: int | None,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> GPT2LMHeadModel | None:
+    """The draft for speculative decoding: a separate model, the target's first layers, or None (plain decoding)."""
+    if draft is not None and draft_layers is not None:
+        raise InvalidArgumentError("give either --draft MODEL or --draft-layers N, not both")
+    if draft_layers is not None:
+        n_layer = model.config.n_layer
+        if not 1 <= draft_layers <= n_layer:
+            raise InvalidArgumentError(f"--draft-layers must be in 1..{n_layer} for this model, got {draft_layers}")
+        return model.first_layers(draft_layers)
+    if draft is None:
+        return None
+    draft_model = GPT2LMHeadModel.from_pretrained(draft, device=device, dtype=dtype)
+    if draft_model.config.vocab_size != model.config.vocab_size:
+        raise InvalidArgumentError(
+            f"the draft '{draft}' has a vocabulary of {draft_model.config.vocab_size} tokens but the model has "
+            f"{model.config.vocab_size}; both must share one tokenizer"
+        )
+    return draft_model
+
+
+def check_prompt_fits(tokenizer: Tokenizer, model: GPT2LMHeadModel, prompt: str, config: GenerationConfig) -> None:
+    """With the window fixed (`--no-window`), a prompt longer than the context is an error worth a precise message."""
+    if config.sliding_window:
+        return
+    n_prompt, window = len(tokenizer.encode(prompt)), model.config.n_positions
+    if n_prompt > window:
+        raise InvalidArgumentError(
+            f"the prompt has {n_prompt} tokens but the model's context window is {window}; "
+            "shorten it, or drop --no-window to keep the most recent tokens and go on"
+        )
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def format_stats(stats: GenerationStats) -> list[str]:
+    """Human-readable timing lines: throughput first, then the speculative statistics when there are any."""
+    total = stats.prefill_seconds + stats.decode_seconds
+    lines = [
+        f"{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens in {total:.2f} s | "
+        f"time to first token {stats.prefill_seconds * 1000:.1f} ms | decode {stats.tokens_per_second:.1f} tokens/s"
+    ]
+    if stats.extra:
+        lines.append("speculative: " + ", ".join(f"{key} {_number(value)}" for key, value in stats.extra.items()))
+    return lines
+
+
+def run_generate(
+    prompt: str,
+    config: GenerationConfig,
+    *,
+    model: str | Path = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str | None = "float32",
+    tokenizer: str | Path | None = None,
+    draft: str | Path | None = None,
+    draft_layers: int | None = None,
+    stream: bool = False,
+    out: TextIO | None = None,
+) -> GenerationStats:
+    """The whole of `toyllm generate`: check, load, generate, print the prompt and completion, report the stats.
+
+    The text goes to `out` (stdout); statistics go to stderr, so `toyllm generate ... > story.txt` keeps only text.
+    """
+    out = out if out is not None else sys.stdout
+    target_device, target_dtype = check_options(config, prompt, device, dtype)
+    if draft is not None and draft_layers is not None:  # checked again in load_draft, but before loading here
+        raise InvalidArgumentError("give either --draft MODEL or --draft-layers N, not both")
+    lm = load_model(model, target_device, target_dtype, config.seed)
+    tok = load_tokenizer_for(model, tokenizer)
+    draft_model = load_draft(lm, draft, draft_layers, target_device, target_dtype)
+    check_prompt_fits(tok, lm, prompt, config)
+    config = dataclasses.replace(config, eos_token_id=tok.eos_token_id)  # this tokenizer's end of text
+
+    stats = GenerationStats()
+    if stream:
+        out.write(prompt)
+        out.flush()
+        for piece in stream_text(lm, tok, prompt, config, draft_model=draft_model, stats=stats):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+    else:
+        completion = generate_text(lm, tok, prompt, config, draft_model=draft_model, stats=stats)
+        out.write(f"{prompt}{completion}\n")
+    out.flush()
+
+    for line in format_stats(stats):
+        err_console.print(line, markup=False, soft_wrap=True)
+    window = lm.config.n_positions
+    if (
+        not config.sliding_window
+        and stats.new_tokens < config.max_new_tokens
+        and stats.prompt_tokens + stats.new_tokens >= window
+    ):
+        err_console.print(
+            f"note: stopped at the context window ({window} tokens); drop --no-window to keep generating",
+            markup=False,
+            soft_wrap=True,
+        )
+    return stats
+
+
+def print_error(message: str) -> None:
+    """One red `error:` line on stderr; the message itself is never read as Rich markup (paths have brackets)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+
+
+def run_guarded(main: Callable[[], object]) -> int:
+    """The scripts' error boundary, the same as the `toyllm` app's: a `ToyLLMError` is one line and exit code 2.
+
+    Set TOYLLM_DEBUG=1 to see the traceback of an unexpected error.
+    """
+    try:
+        main()
+    except ToyLLMError as exc:
+        print_error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        return 130
+    except Exception as exc:
+        if os.environ.get("TOYLLM_DEBUG"):
+            raise
+        err_console.print(
+            f"internal error: {type(exc).__name__}: {exc} (set TOYLLM_DEBUG=1 for the traceback)",
+            soft_wrap=True,
+            markup=False,
+        )
+        return 1
+    return 0
+
+
+# -- the seed-compatible scripts (`python toyllm/cli/run_gpt2.py`, `run_gpt2_kv.py`) ----------------------------
+
+
+def script_parser(description: str) -> argparse.ArgumentParser:
+    """The flags of the original scripts, spelled with underscores as they were; `toyllm generate` has them all."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="Hub id, local checkpoint directory, or random:<preset> (offline)"
+    )
+    parser.add_argument(
+        "--max_length", "--max_new_tokens", dest="max_new_tokens", type=int, default=100, help="new tokens to generate"
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    parser.add_argument("--top_k", type=int, default=50, help="0 disables")
+    parser.add_argument("--top_p", type=float, default=1.0, help="in (0, 1]; 1 disables")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1 disables")
+    parser.add_argument("--seed", type=int, default=None, help="make the run repeatable")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--stream", action="store_true", help="print the completion as it is generated")
+    return parser
+
+
+def run_script(args: argparse.Namespace, *, use_kv_cache: bool, chunk_size: int | None = None) -> int:
+    """Run one of the seed scripts through `run_generate`; returns the exit code (2 with one line on a mistake)."""
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        use_kv_cache=use_kv_cache,
+        chunk_size=chunk_size,
+    )
+    return run_guarded(
+        lambda: run_generate(
+            args.prompt, config, model=args.model, device=args.device, dtype=args.dtype, stream=args.stream
+        )
+    )
