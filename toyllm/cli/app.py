@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from toyllm.errors import ToyLLMError
 
@@ -26,23 +28,28 @@ app = typer.Typer(
 err_console = Console(stderr=True, highlight=False)
 
 
+def print_error(message: str) -> None:
+    """One red `error:` line on stderr; the message itself is never read as Rich markup (paths have brackets)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one red line on stderr and return the Exit to raise: `raise fail("...")`."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
+    """Print one error line and return the Exit to raise: `raise fail("...")`."""
+    print_error(message)
     return typer.Exit(code)
 
 
-def run_app(argv: list[str] | None = None) -> int:
-    """Run the CLI so that every known error is one line and exit code 2, never a traceback.
+def run_guarded(main: Callable[[], object]) -> int:
+    """The error boundary of the `toyllm` app and the seed scripts: a `ToyLLMError` is one line and exit code 2.
 
     Set TOYLLM_DEBUG=1 to see the traceback of an unexpected error.
     """
     try:
-        app(args=argv, prog_name="toyllm", standalone_mode=True)
+        main()
     except SystemExit as exc:
-        return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except ToyLLMError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=False)
+        print_error(str(exc))
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
@@ -57,6 +64,10 @@ def run_app(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def run_app(argv: list[str] | None = None) -> int:
+    return run_guarded(lambda: app(args=argv, prog_name="toyllm", standalone_mode=True))
 
 
 def main() -> None:

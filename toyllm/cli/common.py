@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from rich.text import Text
 
-from toyllm.cli.app import err_console
+from toyllm.cli.app import err_console, run_guarded
 from toyllm.device import resolve_device, resolve_dtype
-from toyllm.errors import InvalidArgumentError, ToyLLMError
+from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate_text, stream_text
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.tokenizer import Tokenizer, load_tokenizer
@@ -178,36 +175,6 @@ def run_generate(
             soft_wrap=True,
         )
     return stats
-
-
-def print_error(message: str) -> None:
-    """One red `error:` line on stderr; the message itself is never read as Rich markup (paths have brackets)."""
-    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
-
-
-def run_guarded(main: Callable[[], object]) -> int:
-    """The scripts' error boundary, the same as the `toyllm` app's: a `ToyLLMError` is one line and exit code 2.
-
-    Set TOYLLM_DEBUG=1 to see the traceback of an unexpected error.
-    """
-    try:
-        main()
-    except ToyLLMError as exc:
-        print_error(str(exc))
-        return 2
-    except KeyboardInterrupt:
-        err_console.print("interrupted", markup=False)
-        return 130
-    except Exception as exc:
-        if os.environ.get("TOYLLM_DEBUG"):
-            raise
-        err_console.print(
-            f"internal error: {type(exc).__name__}: {exc} (set TOYLLM_DEBUG=1 for the traceback)",
-            soft_wrap=True,
-            markup=False,
-        )
-        return 1
-    return 0
 
 
 # -- the seed-compatible scripts (`python toyllm/cli/run_gpt2.py`, `run_gpt2_kv.py`) ----------------------------

