@@ -173,3 +173,34 @@ def test_repo_without_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, m
 def test_invalid_hub_id(cache: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="not a local directory"):
         GPT2LMHeadModel.from_pretrained("not a valid id!")
+
+
+def test_unreachable_hub_fails_fast_and_uses_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_files: Any
+) -> None:
+    """No HF_HUB_OFFLINE, but nothing listens at the endpoint: one failed connect, then the cache alone."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a local port with nothing behind it: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "hub"
+    path.mkdir()
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(path))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    weights_module._hub_reachable.cache_clear()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(HubUnavailableError, match="unreachable.*random:gpt2"):
+            GPT2LMHeadModel.from_pretrained("org/not-cached")
+        assert time.perf_counter() - start < 5  # huggingface_hub alone would retry for ~25 s
+        files, model = model_files
+        add_to_cache(path, "org/cached", files)
+        loaded = GPT2LMHeadModel.from_pretrained("org/cached")
+        torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    finally:
+        weights_module._hub_reachable.cache_clear()
