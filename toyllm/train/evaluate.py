@@ -1,0 +1,130 @@
+"""Perplexity of a text with the sliding-window method of the `transformers` perplexity guide.
+
+GPT-2 sees at most `max_length` (1024) tokens. Cutting a long text into disjoint 1024-token pieces would make
+the first tokens of every piece predicted from almost no context, and the perplexity worse than the model is.
+Instead the window slides by `stride` tokens: each window is `max_length` long, but only its tokens not scored
+by an earlier window count, so every token (except the very first, which has nothing to be predicted from) is
+scored exactly once, with at least `max_length - stride` tokens of context. Smaller stride: more context, lower
+perplexity, more compute. The windows are those of the guide, except that (1) the last window also reaches back
+a full `max_length`, and (2) stride = max_length acts as max_length - 1, so that the first token of a window
+still has one token of context (the guide's loop silently skips that token instead).
+
+    loss        mean negative log-likelihood per scored token, in nats
+    perplexity  exp(loss)
+    bits/byte   total NLL in bits / UTF-8 bytes of the scored tokens: comparable across tokenizers
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.train.data import PreparedData, iter_pieces, iter_text
+from toyllm.train.errors import DataError, InvalidArgumentError
+
+
+@dataclass
+class PerplexityResult:
+    tokens: int  # tokens scored
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    bytes: int
+    windows: int
+    stride: int
+    max_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def sliding_window_nll(
+    model: GPT2LMHeadModel,
+    ids: torch.Tensor,
+    stride: int = 512,
+    max_length: int | None = None,
+    on_window: Callable[[int], None] | None = None,
+) -> tuple[float, int, int]:
+    """(sum of NLL in nats, tokens scored, windows run) over the 1-D token tensor `ids`."""
+    max_length = max_length or model.config.n_positions
+    if max_length > model.config.n_positions:
+        raise InvalidArgumentError(f"max_length {max_length} exceeds the model's context of {model.config.n_positions}")
+    if not 1 <= stride <= max_length:
+        raise InvalidArgumentError(f"stride must be in 1..{max_length} (the window length), got {stride}")
+    if ids.numel() < 2:
+        raise DataError("the text has fewer than 2 tokens: nothing to predict")
+    device = next(model.parameters()).device
+    model.eval()
+    seq_len = ids.numel()
+    step = min(stride, max_length - 1)  # a window must keep one token of context before its first new target
+    nll, scored, windows, prev_end = 0.0, 0, 0, 0
+    while prev_end < seq_len:
+        end = min(max_length if prev_end == 0 else prev_end + step, seq_len)
+        start = max(0, end - max_length)  # as much context as fits before the new targets
+        window = ids[start:end].to(device)[None]  # (1, L)
+        logits = model(window)[0, :-1].float()  # (L - 1, vocab): position i predicts token start + i + 1
+        targets = window[0, 1:]  # (L - 1,)
+        first = max(prev_end, 1) - (start + 1)  # targets before this one were scored by an earlier window
+        logp = F.log_softmax(logits[first:], dim=-1)
+        nll -= float(logp.gather(1, targets[first:, None]).sum())
+        scored += targets.numel() - first
+        windows += 1
+        prev_end = end
+        if on_window is not None:
+            on_window(end)
+    return nll, scored, windows
+
+
+def perplexity(
+    model: GPT2LMHeadModel,
+    ids: torch.Tensor,
+    tokenizer: Any,
+    stride: int = 512,
+    max_length: int | None = None,
+    on_window: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity and bits per byte of a token sequence (bytes are those of the scored tokens, EOS excluded)."""
+    nll, scored, windows = sliding_window_nll(model, ids, stride, max_length, on_window)
+    scored_ids = [i for i in ids[1:].tolist() if i != tokenizer.eos_token_id]
+    n_bytes = len(tokenizer.decode_bytes(scored_ids))
+    loss = nll / scored
+    return PerplexityResult(
+        tokens=scored,
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)),
+        bits_per_byte=nll / math.log(2) / max(1, n_bytes),
+        bytes=n_bytes,
+        windows=windows,
+        stride=stride,
+        max_length=max_length or model.config.n_positions,
+    )
+
+
+def load_eval_tokens(path: str | Path, tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokens to evaluate: a text file (tokenized here, block by block), or a prepared directory's val.bin."""
+    source = Path(path).expanduser()
+    if source.is_dir():
+        data = PreparedData.open(source)
+        tokens: np.ndarray = data.val if len(data.val) > 0 else data.train
+        ids = torch.from_numpy(np.asarray(tokens[:max_tokens] if max_tokens else tokens, dtype=np.int64))
+    elif source.is_file():
+        pieces: list[int] = []
+        for piece in iter_pieces(iter_text(source)):
+            pieces.extend(tokenizer.encode(piece))
+            if max_tokens and len(pieces) >= max_tokens:
+                break
+        ids = torch.tensor(pieces[:max_tokens] if max_tokens else pieces, dtype=torch.long)
+    else:
+        raise DataError(f"evaluation data not found: {source} (a text file or a directory from `toyllm prepare`)")
+    if ids.numel() < 2:
+        raise DataError(f"{source} holds fewer than 2 tokens: nothing to evaluate")
+    return ids
