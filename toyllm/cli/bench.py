@@ -1,1 +1,389 @@
-"""Placeholder: the `bench` subcommands land here."""
+"""`toyllm bench`: generation speed and memory, compared across modes in one run, written as table, JSON, CSV, PNG.
+
+    toyllm bench --modes naive,kv,hf              one shape, several modes, alternating (the main form)
+    toyllm bench sweep --lengths 16,64,256,1000   naive vs KV over generated lengths
+    toyllm bench prefill                          chunked vs one-shot prefill: peak activation memory, same logits
+    toyllm bench overhead                         Python/dispatch cost per decode step, allocations, profile
+    toyllm bench accuracy --model DIR --text F    what bf16 and int8 cost: top-1 agreement, KL, perplexity
+    toyllm bench speculative                      speculative decoding against plain KV decoding
+
+The library does the work (toyllm/bench/); this module parses options, shows progress and prints tables. The heavy
+imports happen inside the commands so that `toyllm --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from toyllm.cli.app import app
+
+bench_app = typer.Typer(
+    name="bench",
+    rich_markup_mode="rich",
+    no_args_is_help=False,
+)
+app.add_typer(bench_app, name="bench")
+# Piped or redirected output has no width to respect: let tables keep their lines instead of wrapping at 80.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, highlight=False)
+
+MODEL_HELP = "Hub id, local checkpoint directory, or random:<preset> (random weights have the same speed)."
+Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Prompts decoded together.")]
+PromptLen = Annotated[int, typer.Option("--prompt-len", help="Prompt tokens (random ids, seeded).")]
+SeqLen = Annotated[
+    int | None,
+    typer.Option(
+        "--seq-len", help="Total tokens per row, prompt included; sets --max-new-tokens to SEQ_LEN - PROMPT_LEN."
+    ),
+]
+MaxNew = Annotated[
+    int, typer.Option("--max-new-tokens", "-n", help="Tokens generated per run (greedy, no early stop).")
+]
+Warmup = Annotated[int, typer.Option("--warmup", help="Untimed runs per mode first (compilation happens here).")]
+Repeats = Annotated[int, typer.Option("--repeats", "-r", help="Timed runs per mode, alternating modes.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Base dtype of the model: float32, bfloat16 or float16.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seeds the random weights and the prompt.")]
+Threads = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON, CSV and PNG files.")]
+NoPlots = Annotated[bool, typer.Option("--no-plots", help="Write JSON and CSV only.")]
+
+DEFAULT_MODEL = "random:gpt2"
+DEFAULT_OUT = Path("bench_out")
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _print_written(paths: list[Path]) -> None:
+    err_console.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)
+
+
+def _max_new(max_new_tokens: int, seq_len: int | None, prompt_len: int) -> int:
+    from toyllm.errors import InvalidArgumentError
+
+    if seq_len is None:
+        return max_new_tokens
+    if seq_len <= prompt_len:
+        raise InvalidArgumentError(f"seq-len ({seq_len}) must exceed prompt-len ({prompt_len})")
+    return seq_len - prompt_len
+
+
+BENCH_HELP = """Compare generation modes at one shape: first-token time, decode latency percentiles, tokens/s, memory.
+
+Every mode decodes the same random prompt greedily with the same weights: warm-up runs first, then REPEATS rounds in \
+which the modes alternate, so that a busy machine slows all of them alike. Reported: min and median over the \
+repeats, p50/p90/p99 over every decode step, and the fraction of the memory-bandwidth roofline reached.
+
+[bold]Examples[/bold]
+
+  toyllm bench --modes naive,kv,hf      (GPT-2 124M shape, random weights: the same speed as real ones)
+
+  toyllm bench --modes kv,bf16,int8,hf --model gpt2 -n 128 -r 5
+
+  toyllm bench sweep --lengths 16,64,256,1000      (naive vs KV: where the cache wins)
+"""
+
+
+@bench_app.callback(invoke_without_command=True, help=BENCH_HELP)
+def bench(
+    ctx: typer.Context,
+    modes: Annotated[
+        str,
+        typer.Option(
+            "--modes",
+            help="Comma-separated: naive, kv, kv+compile, bf16, int8, speculative, hf.",
+        ),
+    ] = "naive,kv,hf",
+    model: Model = DEFAULT_MODEL,
+    batch_size: BatchSize = 1,
+    prompt_len: PromptLen = 16,
+    seq_len: SeqLen = None,
+    max_new_tokens: MaxNew = 128,
+    warmup: Warmup = 1,
+    repeats: Repeats = 3,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    seed: Seed = 0,
+    threads: Threads = None,
+    draft: Annotated[
+        str | None, typer.Option("--draft", help="Draft model of the speculative mode (default: first layers).")
+    ] = None,
+    out: Out = DEFAULT_OUT,
+    no_plots: NoPlots = False,
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    from toyllm.bench.report import results_tables
+    from toyllm.bench.suite import BenchSettings, benchmark, write_run_report
+
+    settings = BenchSettings(
+        model=model,
+        modes=modes.split(","),
+        batch_size=batch_size,
+        prompt_len=prompt_len,
+        max_new_tokens=_max_new(max_new_tokens, seq_len, prompt_len),
+        warmup=warmup,
+        repeats=repeats,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        threads=threads,
+        draft=draft,
+    )
+    settings.validate()
+    runs = (warmup + repeats) * len(settings.modes)
+    with _progress() as progress:
+        task = progress.add_task("benchmarking", total=runs)
+        payload = benchmark(settings, advance=lambda mode: progress.advance(task))
+    rows = payload["results"]
+    names = [r["mode"] for r in rows]
+    baseline = "hf" if "hf" in names else ("kv" if "kv" in names else None)
+    title = (
+        f"{model}, batch {batch_size}, prompt {prompt_len}, {settings.max_new_tokens} new tokens, "
+        f"{payload['machine']['device']}, {payload['machine']['cpu_model']}"
+    )
+    for table in results_tables(rows, title, baseline=baseline):
+        console.print(table)
+    bandwidth = payload.get("bandwidth_bytes_per_s")
+    if bandwidth:
+        console.print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s (roofline = bandwidth / weight bytes read)")
+    _print_written(write_run_report(payload, out, plots=not no_plots))
+
+
+@bench_app.command()
+def sweep(
+    modes: Annotated[str, typer.Option("--modes", help="Modes to compare at each length.")] = "naive,kv",
+    lengths: Annotated[
+        str, typer.Option("--lengths", help="Comma-separated generated lengths.")
+    ] = "16,32,64,128,256,512,1000",
+    model: Model = DEFAULT_MODEL,
+    batch_size: BatchSize = 1,
+    prompt_len: PromptLen = 16,
+    warmup: Warmup = 1,
+    repeats: Repeats = 1,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    seed: Seed = 0,
+    threads: Threads = None,
+    out: Out = DEFAULT_OUT,
+    no_plots: NoPlots = False,
+) -> None:
+    """Generation time of each mode over generated lengths, and the speedup over naive: where the cache wins."""
+    from toyllm.bench.report import simple_table
+    from toyllm.bench.suite import BenchSettings, write_sweep_report
+    from toyllm.bench.suite import sweep as run
+    from toyllm.errors import InvalidArgumentError
+
+    try:
+        sizes = sorted({int(x) for x in lengths.split(",") if x.strip()})
+    except ValueError:
+        raise InvalidArgumentError(f"--lengths must be comma-separated integers, got '{lengths}'") from None
+    settings = BenchSettings(
+        model=model,
+        modes=modes.split(","),
+        batch_size=batch_size,
+        prompt_len=prompt_len,
+        max_new_tokens=max(sizes) if sizes else 1,
+        warmup=warmup,
+        repeats=repeats,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        threads=threads,
+    )
+    settings.validate()
+    n_modes = len(settings.modes)
+    total = n_modes * (warmup * (sizes[0] if sizes else 0) + repeats * sum(sizes))
+    with _progress() as progress:
+        task = progress.add_task("sweep", total=total)
+
+        def advance(mode: str, tokens: int) -> None:
+            progress.update(task, advance=tokens, description=f"sweep: {mode} done at {tokens} tokens")
+
+        payload = run(settings, sizes, advance=advance)
+    columns = ["new_tokens", "mode", "total_s_min", "decode_ms_p50", "decode_tok_s_best", "speedup_vs_naive"]
+    console.print(simple_table(payload["results"], f"{model}: generation time by length", columns))
+    if payload["kv_never_slower"] is not None:
+        console.print(f"kv never slower than naive at these lengths: {payload['kv_never_slower']}")
+    _print_written(write_sweep_report(payload, out, plots=not no_plots))
+
+
+@bench_app.command()
+def prefill(
+    model: Model = DEFAULT_MODEL,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens (capped at the context).")] = 1024,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Tokens per prefill chunk.")] = 256,
+    batch_size: BatchSize = 1,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    seed: Seed = 0,
+    threads: Threads = None,
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """Chunked vs one-shot prefill: peak activation memory (exact, from the allocator's events) and the logits gap."""
+    from toyllm.bench.machine import describe_machine
+    from toyllm.bench.prefill import chunked_prefill_memory
+    from toyllm.bench.report import simple_table, write_json
+    from toyllm.bench.suite import BenchSettings, load
+
+    settings = BenchSettings(model=model, prompt_len=1, device=device, dtype=dtype, seed=seed, threads=threads)
+    loaded, _ = load(settings)
+    result = chunked_prefill_memory(loaded, prompt_len, chunk_size, batch_size, seed)
+    console.print(simple_table([result], f"{model}: chunked prefill"))
+    payload = {"kind": "prefill", "machine": describe_machine(next(loaded.parameters()).device), "result": result}
+    _print_written([write_json(out / "prefill.json", payload)])
+
+
+@bench_app.command()
+def overhead(
+    model: Model = DEFAULT_MODEL,
+    batch_size: BatchSize = 1,
+    max_new_tokens: MaxNew = 64,
+    repeats: Repeats = 3,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    seed: Seed = 0,
+    threads: Threads = None,
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """Per decode step: Python/dispatch overhead (a zero-width twin model), allocations, and the top operators."""
+    from toyllm.bench.machine import describe_machine
+    from toyllm.bench.overhead import step_allocations, step_overhead, step_profile
+    from toyllm.bench.report import simple_table, write_json
+    from toyllm.bench.suite import BenchSettings, load
+
+    settings = BenchSettings(model=model, prompt_len=1, device=device, dtype=dtype, seed=seed, threads=threads)
+    loaded, _ = load(settings)
+    timing = step_overhead(loaded, batch_size, max_new_tokens, repeats)
+    allocations = step_allocations(loaded, batch_size)
+    profile = step_profile(loaded, batch_size)
+    console.print(simple_table([timing], f"{model}: decode step vs its zero-width twin (pure overhead)"))
+    console.print(simple_table([allocations], "allocations per decode step (the cache is preallocated)"))
+    console.print(simple_table(profile, "where a decode step spends its time (torch.profiler, self time)"))
+    payload = {
+        "kind": "overhead",
+        "machine": describe_machine(next(loaded.parameters()).device),
+        "timing": timing,
+        "allocations": allocations,
+        "profile": profile,
+    }
+    _print_written([write_json(out / "overhead.json", payload)])
+
+
+@bench_app.command()
+def accuracy(
+    model: Annotated[str, typer.Option("--model", "-m", help="A trained checkpoint (random weights tell nothing).")],
+    text: Annotated[
+        Path | None,
+        typer.Option(
+            "--text", help="Held-out text file or `toyllm prepare` directory (its val.bin); default: random ids."
+        ),
+    ] = None,
+    variants: Annotated[str, typer.Option("--variants", help="Comma-separated: bf16, int8.")] = "bf16,int8",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens of the text to score.")] = 16384,
+    window: Annotated[int, typer.Option("--window", help="Tokens per scored window.")] = 256,
+    device: Device = "auto",
+    seed: Seed = 0,
+    threads: Threads = None,
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """Accuracy cost of bf16 and int8 against float32: top-1 agreement, KL divergence, perplexity change."""
+    import copy
+
+    import torch
+
+    from toyllm.bench.accuracy import compare_to_reference
+    from toyllm.bench.machine import describe_machine
+    from toyllm.bench.report import simple_table, write_json
+    from toyllm.bench.suite import BenchSettings, load
+    from toyllm.errors import InvalidArgumentError
+    from toyllm.quantize import quantize_int8
+
+    makers = {"bf16": lambda m: copy.deepcopy(m).to(torch.bfloat16), "int8": lambda m: quantize_int8(copy.deepcopy(m))}
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    if not names or any(v not in makers for v in names):
+        raise InvalidArgumentError(f"--variants must be among {', '.join(makers)}, got '{variants}'")
+    settings = BenchSettings(model=model, prompt_len=1, device=device, dtype="float32", seed=seed, threads=threads)
+    reference, _ = load(settings)
+    if text is not None:
+        from toyllm.tokenizer import load_tokenizer
+        from toyllm.train.evaluate import load_eval_tokens
+
+        tokens = load_eval_tokens(text, load_tokenizer(model), max_tokens)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, reference.config.vocab_size, (max_tokens,), generator=generator)
+    rows = compare_to_reference(reference, {v: makers[v](reference) for v in names}, tokens, window)
+    source = str(text) if text is not None else "random token ids"
+    console.print(simple_table(rows, f"{model} on {source}: accuracy against float32"))
+    payload = {
+        "kind": "accuracy",
+        "machine": describe_machine(next(reference.parameters()).device),
+        "model": model,
+        "text": source,
+        "results": rows,
+    }
+    _print_written([write_json(out / "accuracy.json", payload)])
+
+
+@bench_app.command()
+def speculative(
+    target: Annotated[str, typer.Option("--target", help="The model whose output is produced.")] = "random:gpt2-medium",
+    draft: Annotated[str, typer.Option("--draft", help="The draft model of the `draft` case.")] = "random:gpt2",
+    cases: Annotated[str, typer.Option("--cases", help="Comma-separated: draft, same, self.")] = "draft,same,self",
+    lookaheads: Annotated[str, typer.Option("--lookaheads", help="Comma-separated lookahead values K.")] = "2,4,8",
+    self_layers: Annotated[
+        int | None, typer.Option("--self-layers", help="Layers of the self draft (default n_layer // 4).")
+    ] = None,
+    max_new_tokens: MaxNew = 64,
+    prompt_len: PromptLen = 32,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy.")] = 0.0,
+    device: Device = "auto",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = None,
+    seed: Seed = 0,
+    threads: Threads = None,
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """Speculative decoding against plain KV decoding of the same target: tokens/s, acceptance, speedup vs theory."""
+    from toyllm.bench.speculative import format_table, run_speculative_bench
+    from toyllm.errors import InvalidArgumentError
+
+    try:
+        ks = [int(k) for k in lookaheads.split(",") if k.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"--lookaheads must be comma-separated integers, got '{lookaheads}'") from None
+    results = run_speculative_bench(
+        target,
+        draft,
+        cases=[c.strip() for c in cases.split(",") if c.strip()],
+        lookaheads=ks,
+        self_layers=self_layers,
+        max_new_tokens=max_new_tokens,
+        prompt_tokens=prompt_len,
+        temperature=temperature,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        out_dir=out,
+        progress=lambda message: err_console.print(message),
+    )
+    console.print(format_table(results), markup=False)
+    _print_written([out / "speculative.json", out / "speculative_speedup.png"])

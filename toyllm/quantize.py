@@ -1,0 +1,97 @@
+"""Weight-only int8 quantization: every Linear layer keeps its weights as int8 with one float scale per output row.
+
+Why: decoding one token reads every weight once and does little arithmetic with it, so its speed is set by how many
+bytes the weights take (docs/decoding_performance.md). int8 weights are a quarter of float32, so a kernel that reads
+them directly can approach 4x fewer bytes per token. The activations stay in floating point ("weight-only"), which
+keeps the accuracy cost small: the only error is rounding each weight to one of 255 levels of its row.
+
+Per output channel (row) scales, symmetric around zero:
+
+    scale[n] = max_k |W[n, k]| / 127,   q[n, k] = round(W[n, k] / scale[n]) in [-127, 127]
+    y[..., n] = sum_k x[..., k] * q[n, k] * scale[n] + b[n] = (x @ q.T)[..., n] * scale[n] + b[n]
+
+The scale factors out of the sum because it is constant along k, so the kernel multiplies once per output.
+
+GPT-2 ties its output projection to the token embedding. The embedding is only gathered (one row per token), so it
+stays in float; `lm_head` gets an int8 copy of the same matrix, which is the largest single matrix read per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# torch's fused int8-weight matmul (reads int8, multiplies by the scale inside the kernel). Fast where torch has an
+# optimised kernel for the CPU (AVX-512) or GPU; on AVX2-only CPUs it can be slower than float32, which the
+# benchmark reports rather than hides.
+HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): q int8 (N, K), scale float32 (N,), such that q * scale[:, None] ~ weight."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # a zero row would otherwise divide by zero
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = (x @ q.T) * scale + bias, for x (..., K), q int8 (N, K), scale (N,) in x's dtype."""
+    if HAS_INT8_MM and x.device.type == "cpu":
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), q, scale)
+        y = y.view(*x.shape[:-1], q.shape[0])
+    else:  # dequantize on the fly: correct everywhere, but materialises a float copy of the weight per call
+        y = F.linear(x, q.to(x.dtype)) * scale
+    return y + bias if bias is not None else y
+
+
+class Int8Linear(nn.Module):
+    """A drop-in replacement for `nn.Linear` holding int8 weights (a buffer, not trainable) and per-row scales."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        # Kept in the activations' dtype, so `model.to(torch.bfloat16)` casts it along with everything else.
+        self.register_buffer("scale", torch.ones(out_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        dtype, device = linear.weight.dtype, linear.weight.device
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=dtype).to(device)
+        q, scale = quantize_weight(linear.weight)
+        module.weight.copy_(q)
+        module.scale.copy_(scale)
+        if linear.bias is not None and module.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.scale, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight this layer computes with, (N, K): q * scale."""
+        return self.weight.to(self.scale.dtype) * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every `nn.Linear` in `model` (in place) by an `Int8Linear`, lm_head included; return the model.
+
+    A tied weight (GPT-2's lm_head shares the token embedding) is quantized as a copy, so the embedding table that
+    the input side gathers from stays in full precision.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear.from_linear(child))
+    return model
