@@ -61,10 +61,11 @@ def test_every_linear_is_replaced_and_the_embedding_stays_float(model: GPT2LMHea
     assert not any(type(m) is nn.Linear for m in q.modules())
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     assert sum(isinstance(m, Int8Linear) for m in q.modules()) == n_linear  # lm_head included
-    assert isinstance(q.lm_head, Int8Linear) and q.lm_head.weight.dtype == torch.int8
+    lm_head: nn.Module = q.lm_head
+    assert isinstance(lm_head, Int8Linear) and lm_head.weight.dtype == torch.int8
     assert q.transformer.wte.weight.dtype == torch.float32  # the tied embedding: quantized as a copy
     torch.testing.assert_close(q.transformer.wte.weight, model.transformer.wte.weight, rtol=0, atol=0)
-    assert not any(p.requires_grad for p in q.lm_head.parameters())
+    assert not any(p.requires_grad for p in lm_head.parameters())
 
 
 def test_quantized_logits_are_close_and_greedy_text_matches(model: GPT2LMHeadModel) -> None:
@@ -80,7 +81,9 @@ def test_quantized_logits_are_close_and_greedy_text_matches(model: GPT2LMHeadMod
 
 def test_quantized_model_casts_to_bfloat16(model: GPT2LMHeadModel) -> None:
     q = quantize_int8(copy.deepcopy(model)).to(torch.bfloat16)
-    assert q.lm_head.weight.dtype == torch.int8 and q.lm_head.scale.dtype == torch.bfloat16
+    lm_head: nn.Module = q.lm_head
+    assert isinstance(lm_head, Int8Linear)
+    assert lm_head.weight.dtype == torch.int8 and lm_head.scale.dtype == torch.bfloat16
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     with torch.inference_mode():
         assert q(ids).dtype == torch.bfloat16

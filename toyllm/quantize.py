@@ -18,6 +18,8 @@ stays in float; `lm_head` gets an int8 copy of the same matrix, which is the lar
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,7 @@ from torch import nn
 # optimised kernel for the CPU (AVX-512) or GPU; on AVX2-only CPUs it can be slower than float32, which the
 # benchmark reports rather than hides.
 HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +87,7 @@ class Int8Linear(nn.Module):
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: ModuleT) -> ModuleT:
     """Replace every `nn.Linear` in `model` (in place) by an `Int8Linear`, lm_head included; return the model.
 
     A tied weight (GPT-2's lm_head shares the token embedding) is quantized as a copy, so the embedding table that

@@ -13,6 +13,7 @@ checkpoint and held-out text (a `toyllm prepare` directory's val.bin, or a text 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from toyllm.gpt2.model import GPT2LMHeadModel
 
 @torch.inference_mode()
 def compare_to_reference(
-    reference: GPT2LMHeadModel, variants: dict[str, nn.Module], tokens: torch.Tensor, window: int = 256
+    reference: GPT2LMHeadModel, variants: Mapping[str, nn.Module], tokens: torch.Tensor, window: int = 256
 ) -> list[dict[str, Any]]:
     """One row per variant. `tokens` is 1-D; it is cut into disjoint windows of `window` tokens."""
     device = next(reference.parameters()).device

@@ -186,7 +186,7 @@ BUILDERS: dict[str, Callable[[GPT2LMHeadModel, ModeOptions], Mode]] = {
     "kv": lambda m, o: ToyllmMode("kv", m),
     "kv+compile": lambda m, o: ToyllmMode("kv+compile", _compiled(m, o)),
     "bf16": lambda m, o: ToyllmMode("bf16", copy.deepcopy(m).to(torch.bfloat16)),
-    "int8": lambda m, o: ToyllmMode("int8", quantize_int8(copy.deepcopy(m))),  # type: ignore[arg-type]
+    "int8": lambda m, o: ToyllmMode("int8", quantize_int8(copy.deepcopy(m))),
     "speculative": _speculative,
     "hf": lambda m, o: HFMode(m),
 }
