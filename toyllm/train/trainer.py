@@ -220,6 +220,10 @@ class Trainer:
                     improved = False
                     if self.has_val and (self.step % config.eval_interval == 0 or last):
                         evaluation = self.evaluate()
+                        if not math.isfinite(evaluation["val_loss"]):
+                            raise self._diverged(
+                                f"the validation loss is {evaluation['val_loss']} at step {self.step}", self.step
+                            )
                         result.val_loss = evaluation["val_loss"]
                         improved = self.best_val_loss is None or evaluation["val_loss"] < self.best_val_loss
                         if improved:
@@ -258,13 +262,7 @@ class Trainer:
         loss_value = float(loss_mean)
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            kept = f"; the last good checkpoint is {latest}" if latest else "; no checkpoint was saved yet"
-            raise TrainingDivergedError(
-                f"the loss is {loss_value} at step {self.step + 1}: training stopped before applying it{kept} "
-                "(try a lower --learning-rate, more --warmup-steps, or --precision bf16 instead of 16)",
-                step=self.step + 1,
-            )
+            raise self._diverged(f"the loss is {loss_value} at step {self.step + 1}", self.step + 1)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
@@ -342,7 +340,12 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def save(self, is_best: bool = False) -> Path | None:
-        """Every rank hands its RNG state to rank 0, which writes the checkpoint. Returns its path on rank 0."""
+        """Every rank hands its RNG state to rank 0, which writes the checkpoint. Returns its path on rank 0.
+
+        Weights holding NaN or inf are never saved: the last checkpoint on disk stays the last good one.
+        """
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise self._diverged(f"the weights hold NaN or inf after step {self.step}", self.step)
         rng = _gather(_rng_state(self.ctx.device), self.ctx)
         path = None
         if self.ctx.is_main:
@@ -365,6 +368,15 @@ class Trainer:
             )
         ddp.barrier(self.ctx)
         return path
+
+    def _diverged(self, what: str, step: int) -> TrainingDivergedError:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+        return TrainingDivergedError(
+            f"{what}: training stopped, {kept} (try a lower --learning-rate, more --warmup-steps, "
+            "or --precision bf16 instead of 16)",
+            step=step,
+        )
 
     def _restore(self, state: dict[str, Any]) -> None:
         try:
