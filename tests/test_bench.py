@@ -32,7 +32,7 @@ from toyllm.quantize import quantize_int8
 
 TINY = "random:gpt2-tiny"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ALL_MODES = ("naive", "kv", "bf16", "int8", "speculative", "hf")
+ALL_MODES = ("naive", "kv", "bf16", "int8", "fp16w", "int8-dyn", "speculative", "hf")
 METRICS = (
     "ttft_ms_min",
     "ttft_ms_median",
@@ -58,7 +58,7 @@ def model() -> GPT2LMHeadModel:
 @pytest.fixture(scope="module")
 def run_payload() -> dict:
     settings = BenchSettings(
-        model=TINY, modes=ALL_MODES, max_new_tokens=6, warmup=0, repeats=2, device="cpu", bandwidth_probe_bytes=2**23
+        model=TINY, modes=ALL_MODES, max_new_tokens=4, warmup=0, repeats=2, device="cpu", bandwidth_probe_bytes=2**23
     )
     return benchmark(settings)
 
@@ -74,7 +74,7 @@ def test_every_mode_reports_every_metric(run_payload: dict) -> None:
     rows = {r["mode"]: r for r in run_payload["results"]}
     assert list(rows) == list(ALL_MODES)
     for r in rows.values():
-        assert r["new_tokens"] == 6 and r["repeats"] == 2 and r["batch_size"] == 1 and r["prompt_len"] == 16
+        assert r["new_tokens"] == 4 and r["repeats"] == 2 and r["batch_size"] == 1 and r["prompt_len"] == 16
         for key in METRICS:
             assert isinstance(r[key], int | float) and not math.isnan(r[key]) and r[key] >= 0, (r["mode"], key)
         assert r["decode_ms_p50"] <= r["decode_ms_p90"] <= r["decode_ms_p99"]
@@ -82,7 +82,8 @@ def test_every_mode_reports_every_metric(run_payload: dict) -> None:
         assert r["roofline_fraction"] > 0
     assert rows["naive"]["kv_cache_bytes"] == 0 < rows["kv"]["kv_cache_bytes"]
     assert rows["bf16"]["kv_cache_bytes"] == rows["kv"]["kv_cache_bytes"] // 2
-    assert rows["int8"]["streamed_bytes"] < rows["kv"]["streamed_bytes"] / 3  # int8 weights: ~1/4 of the bytes
+    for mode, ratio in (("int8", 4), ("int8-dyn", 4), ("fp16w", 2), ("bf16", 2)):  # bytes per weight: 4 / ratio
+        assert rows[mode]["streamed_bytes"] < 1.1 * rows["kv"]["streamed_bytes"] / ratio, mode
     assert run_payload["bandwidth_bytes_per_s"] > 0
 
 

@@ -12,7 +12,15 @@ from torch import nn
 import toyllm.quantize as quantize
 from toyllm.generation import GenerationConfig, generate
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
-from toyllm.quantize import Int8Linear, int8_linear, quantize_int8, quantize_weight
+from toyllm.quantize import (
+    FbgemmLinear,
+    Int8Linear,
+    fbgemm_available,
+    int8_linear,
+    quantize_fbgemm,
+    quantize_int8,
+    quantize_weight,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +95,25 @@ def test_quantized_model_casts_to_bfloat16(model: GPT2LMHeadModel) -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     with torch.inference_mode():
         assert q(ids).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm is x86-only")
+@pytest.mark.parametrize(("kind", "bytes_per_weight", "tolerance"), [("fp16", 2, 1e-3), ("int8-dynamic", 1, 0.1)])
+def test_fbgemm_layers_replace_every_linear(
+    model: GPT2LMHeadModel, kind: quantize.FbgemmKind, bytes_per_weight: int, tolerance: float
+) -> None:
+    q = quantize_fbgemm(copy.deepcopy(model), kind)
+    assert not any(type(m) is nn.Linear for m in q.modules())
+    lm_head: nn.Module = q.lm_head
+    assert isinstance(lm_head, FbgemmLinear)
+    assert lm_head.packed_bytes >= bytes_per_weight * model.lm_head.weight.numel()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref, out = model(ids), q(ids)
+    assert (out - ref).abs().max() < tolerance * ref.abs().max()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_fbgemm_refuses_what_it_cannot_run(model: GPT2LMHeadModel) -> None:
+    with pytest.raises(ValueError, match="float32 model"):
+        quantize_fbgemm(copy.deepcopy(model).to(torch.bfloat16), "fp16")

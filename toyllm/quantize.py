@@ -14,11 +14,19 @@ The scale factors out of the sum because it is constant along k, so the kernel m
 
 GPT-2 ties its output projection to the token embedding. The embedding is only gathered (one row per token), so it
 stays in float; `lm_head` gets an int8 copy of the same matrix, which is the largest single matrix read per token.
+
+Whether fewer bytes mean more speed depends on a kernel that reads them directly. torch's `_weight_int8pack_mm` has
+one for AVX-512 CPUs and GPUs; on AVX2-only CPUs it falls back to slow code. There, `quantize_fbgemm` swaps in
+fbgemm's x86 kernels instead (the ones behind torch's dynamic quantization), to show what compact weights buy:
+`"fp16"` keeps float16 weights and float32 activations (weight-only, 2 bytes per weight), and `"int8-dynamic"` uses
+the same int8 weights and scales but also rounds each input row to 8 bits on the fly (W8A8: not weight-only, so it
+costs more accuracy, which `toyllm bench accuracy` measures).
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+import warnings
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -97,4 +105,62 @@ def quantize_int8(model: ModuleT) -> ModuleT:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear.from_linear(child))
+    return model
+
+
+FbgemmKind = Literal["fp16", "int8-dynamic"]
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class FbgemmLinear(nn.Module):
+    """An `nn.Linear` whose weight is packed for one of fbgemm's x86 CPU kernels (float32 in, float32 out).
+
+    The packed weight is an opaque object, not a tensor: `packed_bytes` says how much memory it holds, for the
+    benchmark's byte counts.
+    """
+
+    def __init__(self, linear: nn.Linear, kind: FbgemmKind) -> None:
+        super().__init__()
+        self.kind = kind
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float().cpu()
+        bias = linear.bias.detach().float().cpu() if linear.bias is not None else None
+        if kind == "fp16":
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+            self.packed_bytes = 2 * weight.numel()
+        else:
+            q, scale = quantize_weight(weight)
+            zero_points = torch.zeros(q.shape[0], dtype=torch.long)
+            with warnings.catch_warnings():  # torch announces the quantized tensor API's move to torchao
+                warnings.simplefilter("ignore")
+                qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
+            self.packed_bytes = q.numel() + 4 * scale.numel()
+        self.packed_bytes += 4 * bias.numel() if bias is not None else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.kind == "fp16":
+            y = torch.ops.quantized.linear_dynamic_fp16(x2, self.packed)
+        else:  # reduce_range: 7-bit activations, so fbgemm's 8-bit multiply-adds cannot saturate
+            y = torch.ops.quantized.linear_dynamic(x2, self.packed, True)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+
+@torch.no_grad()
+def quantize_fbgemm(model: ModuleT, kind: FbgemmKind) -> ModuleT:
+    """Replace every `nn.Linear` (lm_head included) by an `FbgemmLinear` of `kind`; float32 CPU models only."""
+    param = next(model.parameters())
+    if not fbgemm_available() or param.device.type != "cpu" or param.dtype != torch.float32:
+        raise ValueError(f"fbgemm {kind} layers need a float32 model on an x86 CPU with fbgemm")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, FbgemmLinear(child, kind))
     return model

@@ -5,6 +5,8 @@
     kv+compile   the same, with the model wrapped in torch.compile
     bf16         the KV path with weights and activations in bfloat16
     int8         the KV path with weight-only int8 Linear layers (toyllm/quantize.py)
+    fp16w        the KV path with float16 weights read by fbgemm's x86 kernel, float32 activations (CPU only)
+    int8-dyn     the KV path with fbgemm's int8 kernel: int8 weights, activations rounded to 8 bits (CPU only)
     speculative  the KV path plus a draft model (default: the target's first quarter of layers)
     hf           transformers' GPT2LMHeadModel.generate, greedy, with the same weights and dtype
 
@@ -28,9 +30,9 @@ from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, token_source
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
-from toyllm.quantize import quantize_int8
+from toyllm.quantize import FbgemmKind, FbgemmLinear, quantize_fbgemm, quantize_int8
 
-MODE_NAMES = ("naive", "kv", "kv+compile", "bf16", "int8", "speculative", "hf")
+MODE_NAMES = ("naive", "kv", "kv+compile", "bf16", "int8", "fp16w", "int8-dyn", "speculative", "hf")
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
@@ -38,10 +40,13 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
 
     A decode step reads every weight except the embedding tables, from which it only gathers one row per token.
     GPT-2's tied lm_head makes the token embedding count as read: the output projection multiplies by all of it.
+    fbgemm layers hold opaque packed weights and say how many bytes those are in `packed_bytes`.
     """
     everything: dict[int, int] = {}
     streamed: dict[int, int] = {}
     for module in model.modules():
+        if isinstance(module, FbgemmLinear):
+            everything[id(module)] = streamed[id(module)] = module.packed_bytes
         for t in chain(module.parameters(recurse=False), module.buffers(recurse=False)):
             key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
             everything[key] = size
@@ -176,17 +181,36 @@ def _compiled(model: GPT2LMHeadModel, options: ModeOptions) -> GPT2LMHeadModel:
     return compiled  # behaves as the model (attributes are forwarded to it)
 
 
+def _fbgemm(model: GPT2LMHeadModel, kind: FbgemmKind) -> GPT2LMHeadModel:
+    try:
+        return quantize_fbgemm(copy.deepcopy(model), kind)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"{exc} (use --device cpu --dtype float32)") from None
+
+
 def _speculative(model: GPT2LMHeadModel, options: ModeOptions) -> Mode:
     draft = options.draft if options.draft is not None else model.first_layers(max(1, model.config.n_layer // 4))
     return ToyllmMode("speculative", model, draft=draft)
+
+
+# Copies of the model with other number formats: the modes of the same name, and `toyllm bench accuracy`.
+VARIANTS: dict[str, Callable[[GPT2LMHeadModel], GPT2LMHeadModel]] = {
+    "bf16": lambda m: copy.deepcopy(m).to(torch.bfloat16),
+    "int8": lambda m: quantize_int8(copy.deepcopy(m)),
+    "fp16w": lambda m: _fbgemm(m, "fp16"),
+    "int8-dyn": lambda m: _fbgemm(m, "int8-dynamic"),
+}
+
+
+def _variant(name: str) -> Callable[[GPT2LMHeadModel, ModeOptions], Mode]:
+    return lambda m, o: ToyllmMode(name, VARIANTS[name](m))
 
 
 BUILDERS: dict[str, Callable[[GPT2LMHeadModel, ModeOptions], Mode]] = {
     "naive": lambda m, o: ToyllmMode("naive", m, use_kv_cache=False),
     "kv": lambda m, o: ToyllmMode("kv", m),
     "kv+compile": lambda m, o: ToyllmMode("kv+compile", _compiled(m, o)),
-    "bf16": lambda m, o: ToyllmMode("bf16", copy.deepcopy(m).to(torch.bfloat16)),
-    "int8": lambda m, o: ToyllmMode("int8", quantize_int8(copy.deepcopy(m))),
+    **{name: _variant(name) for name in VARIANTS},
     "speculative": _speculative,
     "hf": lambda m, o: HFMode(m),
 }

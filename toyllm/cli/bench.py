@@ -108,7 +108,7 @@ def bench(
         str,
         typer.Option(
             "--modes",
-            help="Comma-separated: naive, kv, kv+compile, bf16, int8, speculative, hf.",
+            help="Comma-separated: naive, kv, kv+compile, bf16, int8, fp16w, int8-dyn, speculative, hf.",
         ),
     ] = "naive,kv,hf",
     model: Model = DEFAULT_MODEL,
@@ -272,8 +272,8 @@ def overhead(
     settings = BenchSettings(model=model, prompt_len=1, device=device, dtype=dtype, seed=seed, threads=threads)
     loaded, _ = load(settings)
     timing = step_overhead(loaded, batch_size, max_new_tokens, repeats)
-    allocations = step_allocations(loaded, batch_size)
-    profile = step_profile(loaded, batch_size)
+    allocations = step_allocations(loaded, batch_size, steps=max(1, max_new_tokens // 2))
+    profile = step_profile(loaded, batch_size, steps=max(1, max_new_tokens // 4))
     console.print(simple_table([timing], f"{model}: decode step vs its zero-width twin (pure overhead)"))
     console.print(simple_table([allocations], "allocations per decode step (the cache is preallocated)"))
     console.print(simple_table(profile, "where a decode step spends its time (torch.profiler, self time)"))
@@ -296,7 +296,9 @@ def accuracy(
             "--text", help="Held-out text file or `toyllm prepare` directory (its val.bin); default: random ids."
         ),
     ] = None,
-    variants: Annotated[str, typer.Option("--variants", help="Comma-separated: bf16, int8.")] = "bf16,int8",
+    variants: Annotated[
+        str, typer.Option("--variants", help="Comma-separated: bf16, int8, fp16w, int8-dyn.")
+    ] = "bf16,int8,fp16w,int8-dyn",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens of the text to score.")] = 16384,
     window: Annotated[int, typer.Option("--window", help="Tokens per scored window.")] = 256,
     device: Device = "auto",
@@ -305,21 +307,18 @@ def accuracy(
     out: Out = DEFAULT_OUT,
 ) -> None:
     """Accuracy cost of bf16 and int8 against float32: top-1 agreement, KL divergence, perplexity change."""
-    import copy
-
     import torch
 
     from toyllm.bench.accuracy import compare_to_reference
     from toyllm.bench.machine import describe_machine
+    from toyllm.bench.modes import VARIANTS
     from toyllm.bench.report import simple_table, write_json
     from toyllm.bench.suite import BenchSettings, load
     from toyllm.errors import InvalidArgumentError
-    from toyllm.quantize import quantize_int8
 
-    makers = {"bf16": lambda m: copy.deepcopy(m).to(torch.bfloat16), "int8": lambda m: quantize_int8(copy.deepcopy(m))}
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    if not names or any(v not in makers for v in names):
-        raise InvalidArgumentError(f"--variants must be among {', '.join(makers)}, got '{variants}'")
+    if not names or any(v not in VARIANTS for v in names):
+        raise InvalidArgumentError(f"--variants must be among {', '.join(VARIANTS)}, got '{variants}'")
     settings = BenchSettings(model=model, prompt_len=1, device=device, dtype="float32", seed=seed, threads=threads)
     reference, _ = load(settings)
     if text is not None:
@@ -330,7 +329,7 @@ def accuracy(
     else:
         generator = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, reference.config.vocab_size, (max_tokens,), generator=generator)
-    rows = compare_to_reference(reference, {v: makers[v](reference) for v in names}, tokens, window)
+    rows = compare_to_reference(reference, {v: VARIANTS[v](reference) for v in names}, tokens, window)
     source = str(text) if text is not None else "random token ids"
     console.print(simple_table(rows, f"{model} on {source}: accuracy against float32"))
     payload = {
