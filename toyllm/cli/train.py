@@ -20,14 +20,14 @@ PREPARE_HELP = """Tokenize text files (or folders of them) into DIR/train.bin, D
 Every file is a document; documents are joined with the EOS token. The last --val-fraction of the tokens is the
 validation split. The corpus is streamed, never held in memory, and the same input always gives the same files.
 
-  toyllm prepare --input ../shared/data/tinyshakespeare.txt --output data/shakespeare
+  toyllm prepare --input ../shared/data/tinyshakespeare.txt --output runs/data/shakespeare
 """
 
 TRAIN_HELP = """Train GPT-2 on a directory written by `toyllm prepare`, on one CPU/GPU or, under torchrun, several.
 
 [bold]Examples[/bold]
 
-  toyllm train --data data/shakespeare --out runs/shakespeare --model random:gpt2 --n-layer 6 --n-head 6 \\
+  toyllm train --data runs/data/shakespeare --out runs/shakespeare --model random:gpt2 --n-layer 6 --n-head 6 \\
       --n-embd 384 --block-size 256 --batch-size 8 --max-steps 600 --learning-rate 1e-3
 
   toyllm train --data data/mytext --out runs/ft --model gpt2 --learning-rate 3e-5 --max-steps 200   (fine-tune)
@@ -41,7 +41,9 @@ EVAL_HELP = """Perplexity of a model on a text file or a prepared directory (its
 
 Prints tokens scored, mean loss (nats/token), perplexity and bits per byte.
 
-  toyllm eval --model runs/shakespeare/best --data data/shakespeare --stride 512
+  toyllm eval --model gpt2 --data wiki.test.raw --stride 512
+
+  toyllm eval --model runs/shakespeare/best --data runs/data/shakespeare
 """
 
 
@@ -199,7 +201,9 @@ def train(
 def eval_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory, Hub id or random:<preset>.")],
     data: Annotated[Path, typer.Option(help="A text file, or a directory from `toyllm prepare`.", show_default=False)],
-    stride: Annotated[int, typer.Option(help="Tokens the window moves each step (<= window).")] = 512,
+    stride: Annotated[
+        int | None, typer.Option(help="Tokens the window moves each step; default: half the window (512 for GPT-2).")
+    ] = None,
     max_length: Annotated[int | None, typer.Option(help="Window length; default: the model's context.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Evaluate only the first N tokens.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",

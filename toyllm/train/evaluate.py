@@ -50,12 +50,16 @@ class PerplexityResult:
 def sliding_window_nll(
     model: GPT2LMHeadModel,
     ids: torch.Tensor,
-    stride: int = 512,
+    stride: int | None = None,
     max_length: int | None = None,
     on_window: Callable[[int], None] | None = None,
 ) -> tuple[float, int, int]:
-    """(sum of NLL in nats, tokens scored, windows run) over the 1-D token tensor `ids`."""
+    """(sum of NLL in nats, tokens scored, windows run) over the 1-D token tensor `ids`.
+
+    `max_length` defaults to the model's context, `stride` to half of `max_length` (512 for GPT-2).
+    """
     max_length = max_length or model.config.n_positions
+    stride = stride if stride is not None else max(1, max_length // 2)
     if max_length > model.config.n_positions:
         raise InvalidArgumentError(f"max_length {max_length} exceeds the model's context of {model.config.n_positions}")
     if not 1 <= stride <= max_length:
@@ -88,11 +92,13 @@ def perplexity(
     model: GPT2LMHeadModel,
     ids: torch.Tensor,
     tokenizer: Any,
-    stride: int = 512,
+    stride: int | None = None,
     max_length: int | None = None,
     on_window: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
     """Perplexity and bits per byte of a token sequence (bytes are those of the scored tokens, EOS excluded)."""
+    max_length = max_length or model.config.n_positions
+    stride = stride if stride is not None else max(1, max_length // 2)
     nll, scored, windows = sliding_window_nll(model, ids, stride, max_length, on_window)
     scored_ids = [i for i in ids[1:].tolist() if i != tokenizer.eos_token_id]
     n_bytes = len(tokenizer.decode_bytes(scored_ids))
@@ -105,7 +111,7 @@ def perplexity(
         bytes=n_bytes,
         windows=windows,
         stride=stride,
-        max_length=max_length or model.config.n_positions,
+        max_length=max_length,
     )
 
 
