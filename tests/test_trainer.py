@@ -194,5 +194,19 @@ def test_configuration_errors(data, tmp_path):
                 block_size=64,
             )
         )
+    finetuned = train(  # fine-tuning a checkpoint: its shape and context (32) are kept
+        tiny_config(
+            data,
+            tmp_path / "ft",
+            model=str(tmp_path / "small" / "latest"),
+            n_layer=None,
+            n_head=None,
+            n_embd=None,
+            block_size=None,
+            max_steps=1,
+            eval_interval=1,
+        )
+    )
+    assert finetuned.steps == 1 and GPT2LMHeadModel.from_pretrained(tmp_path / "ft" / "latest").config.n_positions == 32
     with pytest.raises(CheckpointError, match="n_layer=2 but this run asks for n_layer=3"):
         train(tiny_config(data, tmp_path / "small", n_layer=3, resume=True))
