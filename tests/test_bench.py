@@ -95,7 +95,7 @@ def test_greedy_modes_with_float32_weights_produce_the_same_tokens(run_payload: 
 
 def test_run_report_files_are_well_formed(run_payload: dict, tmp_path: Path) -> None:
     paths = write_run_report(run_payload, tmp_path)
-    assert {p.name for p in paths} == {"bench.json", "bench.csv", "percentiles.png", "throughput.png"}
+    assert {p.name for p in paths} == {"bench.json", "bench.csv", "bench.md", "percentiles.png", "throughput.png"}
     data = json.loads((tmp_path / "bench.json").read_text())
     for key in ("cpu_model", "cpu_logical_cores", "torch", "gpu", "torch_threads"):
         assert key in data["machine"]
@@ -105,6 +105,8 @@ def test_run_report_files_are_well_formed(run_payload: dict, tmp_path: Path) -> 
     assert [r["mode"] for r in rows] == list(ALL_MODES)
     assert rows[0]["machine_cpu_model"] == data["machine"]["cpu_model"]
     assert float(rows[1]["decode_tok_s_best"]) > 0
+    markdown = (tmp_path / "bench.md").read_text()
+    assert markdown.count("| int8-dyn |") == 2 and "| mode | TTFT ms min / med |" in markdown  # speed and memory
     assert_png(tmp_path / "percentiles.png")
     assert_png(tmp_path / "throughput.png")
 
@@ -120,8 +122,9 @@ def test_sweep_reports_speedup_over_naive_at_every_length(tmp_path: Path) -> Non
     assert set(payload["step_latencies_at_longest"]) == {"naive", "kv"}
     assert len(payload["step_latencies_at_longest"]["kv"]) == 3  # 4 tokens: the first one is the prefill's
     names = {p.name for p in write_sweep_report(payload, tmp_path)}
-    assert names == {"sweep.json", "sweep.csv", "sweep_latency.png", "sweep_speedup.png", "sweep_step_latency.png"}
-    for name in names - {"sweep.json", "sweep.csv"}:
+    plots = {f"sweep_{p}.png" for p in ("latency", "speedup", "step_latency")}
+    assert names == {"sweep.json", "sweep.csv", "sweep.md"} | plots
+    for name in plots:
         assert_png(tmp_path / name)
     assert json.loads((tmp_path / "sweep.json").read_text())["machine"]["torch"] == torch.__version__
 

@@ -16,6 +16,7 @@ from typing import Any
 from rich.table import Table
 
 MACHINE_COLUMNS = ("cpu_model", "cpu_logical_cores", "torch", "torch_threads", "gpu", "load_average_1m")
+TEXT_COLUMNS = ("mode", "variant", "op")  # left-aligned; every other column holds numbers
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -34,58 +35,82 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
-def results_tables(rows: Sequence[dict[str, Any]], title: str, baseline: str | None = None) -> list[Table]:
+Cells = tuple[list[str], list[list[str]]]  # (headers, rows) of one table, already formatted
+
+
+def default_baseline(rows: Sequence[dict[str, Any]]) -> str | None:
+    """What speeds are compared with: transformers if it ran, else our plain KV decoding."""
+    names = [r["mode"] for r in rows]
+    return "hf" if "hf" in names else ("kv" if "kv" in names else None)
+
+
+def results_cells(rows: Sequence[dict[str, Any]], baseline: str | None = None) -> tuple[Cells, Cells]:
     """Two tables, one line per mode: speed (with decode speed relative to `baseline`), then memory and checks."""
     base = next((r for r in rows if r["mode"] == baseline), None)
-    speed = Table(title=title, title_justify="left")
-    for name in ("mode", "TTFT ms\nmin / med", "prefill\ntok/s", "decode ms/token\np50 / p90 / p99"):
-        speed.add_column(name, justify="left" if name == "mode" else "right")
-    for name in ("decode tok/s\nbest / med", f"vs {baseline}\n(best)" if base else "", "roofline\n(best)"):
-        if name:
-            speed.add_column(name, justify="right")
-    memory = Table(title="memory, and greedy tokens compared with kv", title_justify="left")
-    for name in (
-        "mode",
-        "peak mem\n(RSS or CUDA)",
-        "KV cache",
-        "weights\nheld",
-        "weights read\nper step",
-        "same\ntokens",
-    ):
-        memory.add_column(name, justify="left" if name == "mode" else "right")
+    speed_headers = ["mode", "TTFT ms\nmin / med", "prefill\ntok/s", "decode ms/token\np50 / p90 / p99"]
+    speed_headers += ["decode tok/s\nbest / med"] + ([f"vs {baseline}\n(best)"] if base else []) + ["roofline\n(best)"]
+    memory_headers = ["mode", "peak mem\n(RSS or CUDA)", "KV cache", "weights\nheld", "weights read\nper step"]
+    memory_headers += ["same tokens\nas kv"]
+    speed, memory = [], []
     for r in rows:
         ratio = [f"{r['decode_tok_s_best'] / base['decode_tok_s_best']:.2f}x"] if base else []
         roofline = r.get("roofline_fraction")
-        speed.add_row(
-            r["mode"],
-            f"{fmt(r['ttft_ms_min'])} / {fmt(r['ttft_ms_median'])}",
-            fmt(r["prefill_tok_s_best"], 0),
-            f"{fmt(r['decode_ms_p50'])} / {fmt(r['decode_ms_p90'])} / {fmt(r['decode_ms_p99'])}",
-            f"{fmt(r['decode_tok_s_best'])} / {fmt(r['decode_tok_s_median'])}",
-            *ratio,
-            f"{100 * roofline:.0f}%" if roofline is not None else "-",
+        speed.append(
+            [
+                r["mode"],
+                f"{fmt(r['ttft_ms_min'])} / {fmt(r['ttft_ms_median'])}",
+                fmt(r["prefill_tok_s_best"], 0),
+                f"{fmt(r['decode_ms_p50'])} / {fmt(r['decode_ms_p90'])} / {fmt(r['decode_ms_p99'])}",
+                f"{fmt(r['decode_tok_s_best'])} / {fmt(r['decode_tok_s_median'])}",
+                *ratio,
+                f"{100 * roofline:.0f}%" if roofline is not None else "-",
+            ]
         )
         match = r.get("tokens_match")
-        memory.add_row(
-            r["mode"],
-            fmt_bytes(r["peak_mem_bytes"]),
-            fmt_bytes(r["kv_cache_bytes"]),
-            fmt_bytes(r["model_bytes"]),
-            fmt_bytes(r["streamed_bytes"]),
-            f"{100 * match:.0f}%" if match is not None else "-",
+        memory.append(
+            [
+                r["mode"],
+                fmt_bytes(r["peak_mem_bytes"]),
+                fmt_bytes(r["kv_cache_bytes"]),
+                fmt_bytes(r["model_bytes"]),
+                fmt_bytes(r["streamed_bytes"]),
+                f"{100 * match:.0f}%" if match is not None else "-",
+            ]
         )
-    return [speed, memory]
+    return (speed_headers, speed), (memory_headers, memory)
+
+
+def rich_table(cells: Cells, title: str) -> Table:
+    headers, rows = cells
+    table = Table(title=title, title_justify="left")
+    for name in headers:
+        table.add_column(name, justify="left" if name in TEXT_COLUMNS else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(cells: Cells) -> str:
+    headers, rows = cells
+    lines = ["| " + " | ".join(h.replace("\n", " ") for h in headers) + " |"]
+    lines.append("|" + "|".join("---" if h in TEXT_COLUMNS else "---:" for h in headers) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_tables(rows: Sequence[dict[str, Any]], title: str, baseline: str | None = None) -> list[Table]:
+    speed, memory = results_cells(rows, baseline)
+    return [rich_table(speed, title), rich_table(memory, "memory, and greedy tokens compared with kv")]
+
+
+def simple_cells(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> Cells:
+    """Dict rows as a table (floats with 4 significant digits), for the smaller reports."""
+    headers = list(columns) if columns is not None else list(rows[0]) if rows else []
+    return headers, [[_cell(r.get(c)) for c in headers] for r in rows]
 
 
 def simple_table(rows: Sequence[dict[str, Any]], title: str, columns: Sequence[str] | None = None) -> Table:
-    """A plain table of dict rows (floats with 3 significant decimals), for the smaller reports."""
-    columns = list(columns) if columns is not None else list(rows[0]) if rows else []
-    table = Table(title=title, title_justify="left")
-    for c in columns:
-        table.add_column(c, justify="left" if c in ("mode", "name", "variant", "what") else "right")
-    for r in rows:
-        table.add_row(*[_cell(r.get(c)) for c in columns])
-    return table
+    return rich_table(simple_cells(rows, columns), title)
 
 
 def _cell(v: Any) -> str:
@@ -107,6 +132,17 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
+
+
+def write_markdown(path: Path, sections: Sequence[tuple[str, Cells]], machine: dict[str, Any]) -> Path:
+    """The tables as Markdown (for BENCHMARKS.md), each under its title, after one line naming the machine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"Machine: {_subtitle(machine)}, {machine.get('torch_threads')} torch threads, load average "
+    text += f"{machine.get('load_average_1m')} at the start.\n"
+    for title, cells in sections:
+        text += f"\n**{title}**\n\n{markdown_table(cells)}\n"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], machine: dict[str, Any]) -> Path:

@@ -20,9 +20,20 @@ import torch
 
 from toyllm.bench.machine import describe_machine, measure_read_bandwidth
 from toyllm.bench.modes import ModeOptions, build_modes, parse_modes
-from toyllm.bench.report import plot_percentiles, plot_step_latency, plot_sweep, plot_throughput, write_csv, write_json
+from toyllm.bench.report import (
+    default_baseline,
+    plot_percentiles,
+    plot_step_latency,
+    plot_sweep,
+    plot_throughput,
+    results_cells,
+    simple_cells,
+    write_csv,
+    write_json,
+    write_markdown,
+)
 from toyllm.bench.runner import run_modes, token_agreement
-from toyllm.bench.sweep import DEFAULT_LENGTHS, kv_never_slower, run_sweep
+from toyllm.bench.sweep import DEFAULT_LENGTHS, SWEEP_COLUMNS, kv_never_slower, run_sweep
 from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import InvalidArgumentError
 from toyllm.gpt2.model import GPT2LMHeadModel
@@ -116,6 +127,8 @@ def write_run_report(payload: dict[str, Any], out_dir: str | Path, plots: bool =
     out = Path(out_dir)
     rows, machine = payload["results"], payload["machine"]
     paths = [write_json(out / "bench.json", payload), write_csv(out / "bench.csv", rows, machine)]
+    speed, memory = results_cells(rows, default_baseline(rows))
+    paths.append(write_markdown(out / "bench.md", [("speed", speed), ("memory", memory)], machine))
     if plots:
         paths.append(plot_percentiles(rows, out / "percentiles.png", machine))
         paths.append(plot_throughput(rows, out / "throughput.png", machine, payload.get("bandwidth_bytes_per_s")))
@@ -148,6 +161,8 @@ def write_sweep_report(payload: dict[str, Any], out_dir: str | Path, plots: bool
     out = Path(out_dir)
     rows, machine = payload["results"], payload["machine"]
     paths = [write_json(out / "sweep.json", payload), write_csv(out / "sweep.csv", rows, machine)]
+    table = simple_cells(rows, SWEEP_COLUMNS)
+    paths.append(write_markdown(out / "sweep.md", [("generation time by length", table)], machine))
     if plots:
         paths += plot_sweep(rows, out, machine)
         paths.append(plot_step_latency(payload["step_latencies_at_longest"], out / "sweep_step_latency.png", machine))

@@ -15,6 +15,7 @@ import torch
 from toyllm.bench.runner import Mode, run_modes, time_generation
 
 DEFAULT_LENGTHS = (16, 32, 64, 128, 256, 512, 1000)
+SWEEP_COLUMNS = ("new_tokens", "mode", "total_s_min", "decode_ms_p50", "decode_tok_s_best", "speedup_vs_naive")
 
 
 def run_sweep(

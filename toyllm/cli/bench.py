@@ -130,7 +130,7 @@ def bench(
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from toyllm.bench.report import results_tables
+    from toyllm.bench.report import default_baseline, results_tables
     from toyllm.bench.suite import BenchSettings, benchmark, write_run_report
 
     settings = BenchSettings(
@@ -153,13 +153,11 @@ def bench(
         task = progress.add_task("benchmarking", total=runs)
         payload = benchmark(settings, advance=lambda mode: progress.advance(task))
     rows = payload["results"]
-    names = [r["mode"] for r in rows]
-    baseline = "hf" if "hf" in names else ("kv" if "kv" in names else None)
     title = (
         f"{model}, batch {batch_size}, prompt {prompt_len}, {settings.max_new_tokens} new tokens, "
         f"{payload['machine']['device']}, {payload['machine']['cpu_model']}"
     )
-    for table in results_tables(rows, title, baseline=baseline):
+    for table in results_tables(rows, title, baseline=default_baseline(rows)):
         console.print(table)
     bandwidth = payload.get("bandwidth_bytes_per_s")
     if bandwidth:
@@ -189,6 +187,7 @@ def sweep(
     from toyllm.bench.report import simple_table
     from toyllm.bench.suite import BenchSettings, write_sweep_report
     from toyllm.bench.suite import sweep as run
+    from toyllm.bench.sweep import SWEEP_COLUMNS
     from toyllm.errors import InvalidArgumentError
 
     try:
@@ -218,8 +217,7 @@ def sweep(
             progress.update(task, advance=tokens, description=f"sweep: {mode} done at {tokens} tokens")
 
         payload = run(settings, sizes, advance=advance)
-    columns = ["new_tokens", "mode", "total_s_min", "decode_ms_p50", "decode_tok_s_best", "speedup_vs_naive"]
-    console.print(simple_table(payload["results"], f"{model}: generation time by length", columns))
+    console.print(simple_table(payload["results"], f"{model}: generation time by length", SWEEP_COLUMNS))
     if payload["kv_never_slower"] is not None:
         console.print(f"kv never slower than naive at these lengths: {payload['kv_never_slower']}")
     _print_written(write_sweep_report(payload, out, plots=not no_plots))
