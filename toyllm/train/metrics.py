@@ -124,8 +124,9 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "") 
 
 
 def _ema(values: list[float], beta: float) -> list[float]:
-    out, avg = [], values[0]
-    for v in values:
+    """Exponential moving average, bias-corrected (as in Adam) so the first points are not pulled towards 0."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
         avg = beta * avg + (1 - beta) * v
-        out.append(avg)
+        out.append(avg / (1 - beta ** (i + 1)))
     return out
