@@ -1,0 +1,523 @@
+"""Speculative sampling: greedy equality, exact output distribution, cache rollback, stops, schedules, errors.
+
+The distribution tests are statistical. Each draws N = 20,000 speculative samples of the next 3 tokens and compares
+their empirical joint distribution with the target's exact one (enumerated over all vocab^3 continuations) by a
+chi-square goodness-of-fit test that fails when p < ALPHA = 1e-3: for a correct implementation and a random seed,
+each such test raises a false alarm with probability 0.001. The seeds are fixed, so the outcome is reproducible.
+The same test (statistic and threshold) is run on two deliberately broken decoders kept below (no residual
+distribution; q taken from the unprocessed logits); both must fail it, and they do with only N_BROKEN = 5,000
+samples (fewer samples only make a failure harder to reach, and keep CI short).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toyllm.errors import InvalidArgumentError
+from toyllm.generation import GenerationConfig, GenerationStats, generate, generate_text, stream_text
+from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
+from toyllm.kv_cache import KVCache
+from toyllm.sampling import logits_to_probs, process_logits
+from toyllm.speculative import (
+    HeuristicSchedule,
+    SpeculativeDecoder,
+    SpeculativeStats,
+    ThresholdSchedule,
+    speculative_stream,
+    verify_drafts,
+)
+from toyllm.speculative.verify import draw
+
+ALPHA = 1e-3  # false-alarm rate of each distribution test
+N_SAMPLES = 20_000
+N_BROKEN = 5_000
+
+
+def tiny(
+    seed: int, vocab: int = 96, n_layer: int = 3, n_positions: int = 64, std: float = 0.3, **kw
+) -> GPT2LMHeadModel:
+    """A random GPT-2. The larger init (0.3, not 0.02) makes predictions depend on the context."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab, n_positions=n_positions, n_embd=16, n_layer=n_layer, n_head=2, initializer_range=std, **kw
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def prompts(vocab: int, lengths: tuple[int, ...] = (1, 2, 5, 9, 20)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
+
+
+def spec_generate(target, draft, ids, config, **kw) -> tuple[torch.Tensor, SpeculativeStats]:
+    spec = SpeculativeStats()
+    out = torch.cat([ids, *speculative_stream(target, draft, ids, config, spec_stats=spec, **kw)], dim=1)
+    return out, spec
+
+
+@pytest.fixture(scope="module")
+def target() -> GPT2LMHeadModel:
+    return tiny(0)
+
+
+@pytest.fixture(scope="module")
+def drafts(target: GPT2LMHeadModel) -> dict[str, GPT2LMHeadModel]:
+    # An unrelated model: other seed, one layer, untied head, so it rarely agrees with the target.
+    unrelated = tiny(7, n_layer=1, tie_word_embeddings=False)
+    return {"same": target, "unrelated": unrelated, "self": target.first_layers(1)}
+
+
+# -- greedy: the output is the target's own greedy output ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 8])
+@pytest.mark.parametrize("kind", ["same", "unrelated", "self"])
+def test_greedy_equals_target_greedy(target, drafts, kind: str, K: int) -> None:
+    config = GenerationConfig(max_new_tokens=24, temperature=0.0, eos_token_id=None, lookahead=K, max_lookahead=8)
+    total = SpeculativeStats()
+    for ids in prompts(96):  # prompts of 1 to 20 tokens
+        expected = generate(target, ids, config)
+        out, spec = spec_generate(target, drafts[kind], ids, config)
+        assert torch.equal(out, expected)
+        total.proposed += spec.proposed
+        total.accepted += spec.accepted
+    if kind == "same":
+        assert total.acceptance_rate == 1.0
+    if kind == "unrelated":
+        assert total.acceptance_rate < 0.1
+
+
+@pytest.mark.parametrize("schedule", ["heuristic", "threshold"])
+def test_greedy_equality_with_adaptive_schedules(target, drafts, schedule: str) -> None:
+    config = GenerationConfig(
+        max_new_tokens=30, temperature=0.0, eos_token_id=None, lookahead=2, lookahead_schedule=schedule
+    )
+    for kind in ("same", "unrelated", "self"):
+        for ids in prompts(96, (3, 12)):
+            assert torch.equal(spec_generate(target, drafts[kind], ids, config)[0], generate(target, ids, config))
+
+
+def test_greedy_past_a_small_window_and_penalty() -> None:
+    """Window slides every few tokens (n_positions 12) and a repetition penalty that sees drafted tokens."""
+    target = tiny(3, n_positions=12)
+    draft = tiny(4, n_layer=1, n_positions=8)  # a smaller window than the target's: it slides on its own
+    config = GenerationConfig(
+        max_new_tokens=40, temperature=0.0, eos_token_id=None, lookahead=4, repetition_penalty=1.3, window_keep=5
+    )
+    for ids in prompts(96, (1, 6, 15)):
+        expected = generate(target, ids, config)
+        assert torch.equal(spec_generate(target, draft, ids, config)[0], expected)
+        assert torch.equal(spec_generate(target, target.first_layers(2), ids, config)[0], expected)
+
+
+# -- the acceptance rule on its own -------------------------------------------------------------------------------
+
+
+def test_verify_drafts_cases() -> None:
+    p = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    q = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert verify_drafts(torch.tensor([1, 0]), q, p) == (1, 2)  # second draft rejected, residual = target's token
+    assert verify_drafts(torch.tensor([1, 2]), torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), p) == (2, 0)  # bonus
+    assert verify_drafts(torch.zeros(0, dtype=torch.long), torch.zeros(0, 3), p[:1]) == (0, 1)  # no drafts
+
+
+def test_residual_exactness_one_position() -> None:
+    """One position, by enumeration: q(x) min(1, p/q) + P(reject) residual(x) == p(x)."""
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.rand(6, generator=g).softmax(0), torch.rand(6, generator=g).softmax(0)
+    from toyllm.speculative import residual_distribution
+
+    reject = (q - torch.minimum(p, q)).sum()
+    emitted = torch.minimum(p, q) + reject * residual_distribution(p, q)
+    torch.testing.assert_close(emitted, p)
+
+
+# -- the output distribution is the target's, exactly -------------------------------------------------------------
+
+V = 8  # small vocabulary: all 8^3 = 512 continuations can be enumerated
+
+
+@pytest.fixture(scope="module")
+def small_pair() -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
+    kw = dict(vocab=V, n_layer=1, n_positions=16, std=0.5)
+    return tiny(0, **kw), tiny(1, **kw)
+
+
+def exact_next3(model: GPT2LMHeadModel, prompt: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """P(x1, x2, x3 | prompt) for all V^3 continuations, (V^3,), with the same logit processing as sampling."""
+    T0 = prompt.shape[1]
+    pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # (V^2, 2): every (x1, x2)
+    seqs = torch.cat([prompt.expand(V * V, -1), pairs], dim=1)  # (V^2, T0 + 2)
+    with torch.no_grad():
+        logits = model(seqs)  # (V^2, T0 + 2, V), no cache: the plain reference path
+    probs = []
+    for j in range(3):  # position T0 - 1 + j predicts x_{j+1} from the prompt and x_1 .. x_j
+        processed = process_logits(
+            logits[:, T0 - 1 + j],
+            seqs[:, : T0 + j],
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            repetition_penalty=config.repetition_penalty,
+        )
+        probs.append(logits_to_probs(processed, config.temperature).view(V, V, V))
+    p1, p2, p3 = probs[0][0, 0], probs[1][:, 0], probs[2]  # (V,), (V, V), (V, V, V)
+    return (p1[:, None, None] * p2[:, :, None] * p3).flatten().double()
+
+
+def sample_next3(decoder_cls, target, draft, prompt, config, n: int, schedule=None) -> tuple[torch.Tensor, float]:
+    """Counts of the n sampled 3-token continuations, (V^3,), and the acceptance rate."""
+    counts = torch.zeros(V**3, dtype=torch.float64)
+    proposed = accepted = 0
+    T0 = prompt.shape[1]
+    with torch.inference_mode():
+        for i in range(n):
+            config.seed = i
+            dec = decoder_cls(target, draft, prompt, config, schedule=schedule(config) if schedule else None)
+            while not dec.done:
+                dec.step()
+            a, b, c = dec.tokens[T0 : T0 + 3].tolist()
+            counts[(a * V + b) * V + c] += 1
+            proposed, accepted = proposed + dec.stats.proposed, accepted + dec.stats.accepted
+    return counts, accepted / proposed
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson's chi-square goodness of fit; cells expected below `min_expected` are pooled into one.
+
+    A sample in a cell of probability 0 (outside top-k / top-p) is an outright failure: p = 0.
+    The p-value is the chi-square survival function, Q(dof / 2, stat / 2), the regularised upper incomplete gamma.
+    """
+    if bool((counts[probs == 0] > 0).any()):
+        return 0.0
+    expected = probs * counts.sum()
+    big = expected >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = torch.tensor((obs.numel() - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof, stat / 2))
+
+
+PLAIN = dict(temperature=1.0, top_k=0)
+FILTERED = dict(temperature=1.0, top_k=5, top_p=0.9, repetition_penalty=1.5)
+
+
+def dist_config(knobs: dict) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=3, eos_token_id=None, lookahead=2, **knobs)
+
+
+def fixed_threshold(config: GenerationConfig) -> ThresholdSchedule:
+    """The threshold schedule with c fixed, so that K does not depend on timings (and the test is reproducible)."""
+    return ThresholdSchedule(config, cost_ratio=0.25)
+
+
+class NoResidualDecoder(SpeculativeDecoder):
+    """BROKEN on purpose: after a rejection it samples from p instead of normalize(max(0, p - q))."""
+
+    @staticmethod
+    def _verify(drafts, q, p, generator=None):  # type: ignore[override]
+        u = torch.rand(drafts.shape[0], generator=generator)
+        for i, x in enumerate(drafts.tolist()):
+            if not u[i] * q[i, x] < p[i, x]:
+                return i, draw(p[i], generator)
+        return drafts.shape[0], draw(p[-1], generator)
+
+
+class RawQDecoder(SpeculativeDecoder):
+    """BROKEN on purpose: samples from the processed distribution but reports q from the unprocessed logits."""
+
+    def _draft_token(self, logits, processed):
+        token, _ = super()._draft_token(logits, processed)
+        return token, torch.softmax(logits.float(), dim=-1)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "knobs, schedule",
+    [(PLAIN, fixed_threshold), (FILTERED, None)],
+    ids=["temperature1-threshold-schedule", "topk-topp-penalty"],
+)
+def test_distribution_is_exactly_the_targets(small_pair, knobs, schedule) -> None:
+    target, draft = small_pair
+    config, prompt = dist_config(knobs), torch.tensor([[3]])
+    counts, alpha = sample_next3(SpeculativeDecoder, target, draft, prompt, config, N_SAMPLES, schedule)
+    p_value = chi_square_p_value(counts, exact_next3(target, prompt, config))
+    print(f"acceptance {alpha:.3f}, chi-square p-value {p_value:.3g}")
+    assert 0.1 < alpha < 0.9  # rejections and acceptances both happen, so the residual path is exercised
+    assert p_value > ALPHA
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "broken, knobs",
+    [(NoResidualDecoder, PLAIN), (RawQDecoder, FILTERED)],
+    ids=["no-residual", "q-from-raw-logits"],
+)
+def test_the_same_test_catches_broken_variants(small_pair, broken, knobs) -> None:
+    target, draft = small_pair
+    config, prompt = dist_config(knobs), torch.tensor([[3]])
+    counts, _ = sample_next3(broken, target, draft, prompt, config, N_BROKEN)
+    p_value = chi_square_p_value(counts, exact_next3(target, prompt, config))
+    print(f"chi-square p-value of the broken decoder {p_value:.3g}")
+    assert p_value < ALPHA
+
+
+def test_chi_square_helper_is_calibrated() -> None:
+    """Exact multinomial samples pass; a 10% tilt of 20,000 samples does not."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, generator=g, dtype=torch.float64).softmax(0)
+    counts = torch.bincount(torch.multinomial(probs, N_SAMPLES, True, generator=g), minlength=64).double()
+    assert chi_square_p_value(counts, probs) > ALPHA
+    tilted = probs * torch.linspace(0.9, 1.1, 64, dtype=torch.float64)
+    counts = torch.bincount(torch.multinomial(tilted, N_SAMPLES, True, generator=g), minlength=64).double()
+    assert chi_square_p_value(counts, probs) < ALPHA
+
+
+# -- caches: rolled back to exactly the accepted tokens, nothing accepted recomputed ------------------------------
+
+
+def fresh_cache(model: GPT2LMHeadModel, ids: torch.Tensor) -> KVCache:
+    cache = KVCache.for_model(model, 1)
+    if ids.numel():
+        with torch.no_grad():
+            model(ids[None], cache=cache)
+    return cache
+
+
+def assert_cache_equals_prefill(cache: KVCache, model: GPT2LMHeadModel, ids: torch.Tensor) -> None:
+    assert cache.length == ids.numel()
+    ref = fresh_cache(model, ids)
+    for layer in range(model.config.n_layer):
+        n = cache.length
+        torch.testing.assert_close(cache.k[layer][:, :, :n], ref.k[layer][:, :, :n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.v[layer][:, :, :n], ref.v[layer][:, :, :n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["same", "unrelated", "self"])
+@pytest.mark.parametrize("n_positions", [64, 12])
+def test_caches_equal_fresh_prefill_after_every_round(kind: str, n_positions: int) -> None:
+    target = tiny(0, n_positions=n_positions)
+    draft = {"same": target, "unrelated": tiny(7, n_layer=1, n_positions=n_positions), "self": target.first_layers(1)}
+    fed: list[int] = []  # tokens the target was fed, per forward
+    config = GenerationConfig(max_new_tokens=30, temperature=1.0, top_k=0, seed=1, eos_token_id=None, lookahead=3)
+    dec = SpeculativeDecoder(target, draft[kind], prompts(96, (5,))[0], config)
+
+    def record(module, args, kwargs) -> None:
+        if kwargs.get("cache") is dec.target_window.cache:
+            fed.append(args[0].shape[1])
+
+    hook = target.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            while not dec.done:
+                dec.step()
+                L, tw, dw = dec.length, dec.target_window, dec.draft_window
+                if dec.done:
+                    break
+                assert tw.end == L - 1  # the target holds everything accepted but the newest token
+                assert dw.end <= L - 1
+                assert_cache_equals_prefill(tw.cache, target, dec.tokens[tw.start : tw.end])
+                assert_cache_equals_prefill(dw.cache, dw.model, dec.tokens[dw.start : dw.end])
+    finally:
+        hook.remove()
+    if n_positions == 64 and kind != "same":  # no slide: the prompt (minus its last token), then k + 1 per round
+        assert fed == [4] + [k + 1 for k in dec.stats.lookaheads]
+    assert dec.stats.new_tokens == 30
+
+
+# -- stops, streaming, statistics -------------------------------------------------------------------------------
+
+
+class LetterTokenizer:
+    """Token i is one character; enough for stop strings and streaming text."""
+
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?-+*/=()[]{}<>@#$%^&_~|'\" \n\t`"
+
+    def __init__(self, vocab: int) -> None:
+        self.chars = self.alphabet[:vocab]
+        self.eos_token_id = vocab - 1
+
+    def encode(self, text: str) -> list[int]:
+        return [self.chars.index(c) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in list(ids))
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode()
+
+
+@pytest.mark.parametrize("kind", ["same", "unrelated"])
+def test_stops_at_eos_and_stop_strings_like_plain(target, drafts, kind: str) -> None:
+    tok = LetterTokenizer(96)
+    ids = prompts(96, (4,))[0]
+    free = generate(target, ids, GenerationConfig(max_new_tokens=30, temperature=0.0, eos_token_id=None))
+    new = free[0, 4:].tolist()
+    for config in (
+        GenerationConfig(max_new_tokens=30, temperature=0.0, eos_token_id=new[6], lookahead=4),
+        GenerationConfig(max_new_tokens=30, temperature=0.0, eos_token_id=None, stop=[tok.decode(new[7:9])]),
+        GenerationConfig(max_new_tokens=5, temperature=0.0, eos_token_id=None, lookahead=8),
+    ):
+        expected = generate(target, ids, config, tokenizer=tok)
+        assert expected.shape[1] < free.shape[1]  # it did stop early
+        out = torch.cat([ids, *speculative_stream(target, drafts[kind], ids, config, tokenizer=tok)], dim=1)
+        assert torch.equal(out, expected)
+
+
+def test_streaming_blocks_and_text(target, drafts) -> None:
+    tok = LetterTokenizer(96)
+    config = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=None, lookahead=4, stop=["zz"])
+    blocks: list[torch.Tensor] = []
+    ids = prompts(96, (3,))[0]
+    out = generate(target, ids, config, tokenizer=tok, draft_model=drafts["same"], streamer=blocks.append)
+    assert all(b.shape[0] == 1 and b.shape[1] >= 1 for b in blocks)
+    assert max(b.shape[1] for b in blocks) > 1  # several tokens per round
+    assert torch.equal(torch.cat([ids, *blocks], dim=1), out)
+    prompt = tok.decode(ids[0].tolist())
+    text = generate_text(target, tok, prompt, config, draft_model=drafts["self"])
+    assert "".join(stream_text(target, tok, prompt, config, draft_model=drafts["self"])) == text
+    assert text == generate_text(target, tok, prompt, config)
+
+
+def test_statistics(target, drafts) -> None:
+    stats = GenerationStats()
+    config = GenerationConfig(max_new_tokens=24, temperature=0.0, eos_token_id=None, lookahead=4)
+    generate(target, prompts(96, (5,))[0], config, draft_model=drafts["same"], stats=stats)
+    extra = stats.extra
+    assert stats.new_tokens == 24 and stats.prompt_tokens == 5
+    assert extra["proposed"] == extra["accepted"] > 0 and extra["acceptance_rate"] == extra["alpha"] == 1.0
+    assert extra["tokens_per_target_forward"] == 24 / extra["rounds"] == 24 / 5  # 5 + 5 + 5 + 5 + 4
+    assert stats.target_forwards == extra["target_forwards"] == extra["rounds"] + 1  # + the prompt's prefill
+    assert extra["draft_forwards"] >= extra["proposed"] - extra["rounds"]
+    assert extra["target_seconds"] > 0 and extra["draft_seconds"] > 0 and extra["cost_ratio"] > 0
+    _, spec = spec_generate(target, drafts["self"], prompts(96, (5,))[0], config)
+    rejected = sum(n < k for k, n in zip(spec.lookaheads, spec.accepted_per_round, strict=True))
+    assert spec.rejected == rejected > 0 and spec.alpha == spec.accepted / (spec.accepted + rejected)
+    assert spec.alpha >= spec.acceptance_rate  # drafts after a rejection count in one, not in the other
+
+
+def test_seed_makes_sampling_repeatable(target, drafts) -> None:
+    config = GenerationConfig(max_new_tokens=20, temperature=1.0, top_k=10, seed=5, eos_token_id=None)
+    ids = prompts(96, (4,))[0]
+    a = spec_generate(target, drafts["unrelated"], ids, config)[0]
+    assert torch.equal(a, spec_generate(target, drafts["unrelated"], ids, config)[0])
+
+
+# -- schedules ----------------------------------------------------------------------------------------------------
+
+
+def caps(spec: SpeculativeStats, max_new_tokens: int) -> list[int]:
+    """Per round, the most drafts max_new_tokens allows: k drafts + 1 token must fit in what is left."""
+    out, made = [], 0
+    for n in spec.accepted_per_round:
+        out.append(max_new_tokens - made - 1)
+        made += n + 1
+    return out
+
+
+def test_constant_schedule_keeps_k(target, drafts) -> None:
+    config = GenerationConfig(max_new_tokens=23, temperature=0.0, eos_token_id=None, lookahead=3)
+    _, spec = spec_generate(target, drafts["unrelated"], prompts(96, (4,))[0], config)
+    assert spec.lookaheads == [min(3, cap) for cap in caps(spec, 23)]
+
+
+def test_heuristic_schedule_rule() -> None:
+    s = HeuristicSchedule(GenerationConfig(lookahead=3, max_lookahead=8))
+    seen = []
+    for proposed, accepted in [(3, 3), (5, 5), (7, 7), (8, 8), (8, 2), (7, 0), (6, 6)]:
+        s.update(proposed, accepted, [], None)
+        seen.append(s.lookahead)
+    assert seen == [5, 7, 8, 8, 7, 6, 8]
+    for _ in range(10):
+        s.update(1, 0, [], None)
+    assert s.lookahead == 1
+
+
+@pytest.mark.parametrize("kind, start", [("same", 1), ("unrelated", 6)])
+def test_heuristic_schedule_in_a_run(target, drafts, kind: str, start: int) -> None:
+    config = GenerationConfig(
+        max_new_tokens=60,
+        temperature=0.0,
+        eos_token_id=None,
+        lookahead=start,
+        max_lookahead=6,
+        lookahead_schedule="heuristic",
+    )
+    _, spec = spec_generate(target, drafts[kind], prompts(96, (2,))[0], config)
+    K, expected = start, []
+    for k, n in zip(spec.lookaheads, spec.accepted_per_round, strict=True):
+        expected.append(K)
+        K = min(6, K + 2) if n == k else max(1, K - 1)
+    assert spec.lookaheads == [min(e, cap) for e, cap in zip(expected, caps(spec, 60), strict=True)]
+    # All accepted: 1, 3, 5, 6, 6, ...; mostly rejected: 6, 5, 4, 3, 2, 1, ...
+    assert spec.lookaheads[:4] == ([1, 3, 5, 6] if kind == "same" else [6, 5, 4, 3])
+
+
+def test_threshold_schedule_rule() -> None:
+    config = GenerationConfig(lookahead_schedule="threshold", max_lookahead=10, confidence_threshold=0.5)
+    s = ThresholdSchedule(config)
+    assert s.lookahead == 10
+    s.start_round()
+    assert s.keep_drafting(1, 0.1)  # the first draft is always proposed
+    assert s.keep_drafting(2, 0.6) and not s.keep_drafting(3, 0.4)  # before c is known: the starting threshold
+    # Teach it: confident drafts (m ~ 0.95) are accepted, unsure ones (m ~ 0.25) rejected; drafting is cheap.
+    for _ in range(30):
+        s.update(3, 2, [0.95, 0.95, 0.25], cost_ratio=0.1)
+    curve = s.acceptance_curve()
+    assert curve[9] > 0.9 and curve[2] < 0.3 and curve == sorted(curve)
+    assert 0.2 < s.threshold <= 0.9  # the break-even acceptance c * R sits between the two
+    s.start_round()
+    assert s.keep_drafting(1, 0.95) and s.keep_drafting(2, 0.95) and not s.keep_drafting(3, 0.25)
+    # A draft as expensive as the target is never worth a second token.
+    s.update(1, 1, [0.95], cost_ratio=1.0)
+    s.start_round()
+    assert s.keep_drafting(1, 0.99) and not s.keep_drafting(2, 0.99)
+
+
+@pytest.mark.parametrize("cost_ratio, expected", [(0.0, 8), (1.0, 1)])
+def test_threshold_schedule_in_a_run(target, cost_ratio: float, expected: int) -> None:
+    config = GenerationConfig(
+        max_new_tokens=40, temperature=0.0, eos_token_id=None, lookahead_schedule="threshold", max_lookahead=8
+    )
+    ids = prompts(96, (3,))[0]
+    schedule = ThresholdSchedule(config, cost_ratio=cost_ratio)
+    out, spec = spec_generate(target, target, ids, config, schedule=schedule)
+    assert torch.equal(out, generate(target, ids, config))
+    assert set(spec.lookaheads[1:-1]) == {expected}  # free drafts: always the maximum; costly ones: one a round
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+
+def test_errors(target) -> None:
+    ids = prompts(96, (3,))[0]
+    config = GenerationConfig(max_new_tokens=4)
+    with pytest.raises(InvalidArgumentError, match="vocabulary"):
+        list(speculative_stream(target, tiny(1, vocab=50), ids, config))
+    with pytest.raises(InvalidArgumentError, match="batch size 1"):
+        list(speculative_stream(target, target, ids.repeat(2, 1), config))
+    with pytest.raises(InvalidArgumentError, match="one prompt at a time"):
+        generate(target, ids, config, attention_mask=torch.tensor([[0, 1, 1]]), draft_model=target)
+    with pytest.raises(InvalidArgumentError, match="context window"):
+        long = torch.zeros(1, 70, dtype=torch.long)
+        list(speculative_stream(target, target, long, GenerationConfig(max_new_tokens=4, sliding_window=False)))
+
+
+# -- the seed project's script ------------------------------------------------------------------------------------
+
+
+def test_seed_script_offline(capsys) -> None:
+    from toyllm.cli.run_speculative_sampling import hub_name, main
+
+    assert hub_name("gpt2-small") == "gpt2" and hub_name("random:gpt2-small") == "random:gpt2-small"
+    argv = ["--target_model", "random:gpt2-tiny", "--draft_model", "random:gpt2-tiny", "--lookahead", "3"]
+    assert main([*argv, "--max_new_tokens", "6", "--seed", "0", "--temperature", "0", "--prompt", "Hello"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hello")
+    assert "acceptance_rate" in captured.err and "tokens_per_target_forward" in captured.err
+    assert main([*argv, "--lookahead", "0"]) == 2  # a bad value is one line on stderr, exit code 2
+    assert "lookahead" in capsys.readouterr().err

@@ -1,0 +1,293 @@
+"""Benchmark: speculative decoding against plain KV-cache decoding of the same target, in one process.
+
+For each case (a draft for the target) and each lookahead K it reports tokens/s of both, the acceptance rate
+alpha, the cost ratio c = (one draft forward) / (one target forward), both measured, and the measured speedup next
+to the theoretical one of Leviathan et al. (2023):
+
+    speedup(alpha, K, c) = (1 - alpha^(K+1)) / ((1 - alpha) * (c*K + 1))        (-> (K+1)/(c*K+1) as alpha -> 1)
+
+The formula assumes a verification forward over K + 1 tokens costs as much as a one-token forward. That holds when
+decoding is memory-bound, but on a CPU a (K + 1)-token matmul can cost several one-token ones, so the report also
+gives the measured ratio v = `verify_over_step` and the same formula with `c*K + v` in the denominator.
+
+Cases: `draft` (a separate draft model, e.g. gpt2 for gpt2-medium), `same` (the draft is the target itself: alpha = 1,
+c = 1, so it bounds the overhead), `self` (self-speculative: the target's first layers). Decoding is greedy by default,
+so every speculative output is also checked token for token against plain decoding (`outputs_match`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toyllm.bench.machine import describe_machine
+from toyllm.device import resolve_device, resolve_dtype
+from toyllm.errors import InvalidArgumentError
+from toyllm.generation import GenerationConfig, GenerationStats, generate
+from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.speculative import SpeculativeStats, check_draft, speculative_stream
+
+CASES = ("draft", "same", "self")
+
+
+def theoretical_speedup(alpha: float, lookahead: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """Expected walltime improvement of speculative decoding (Leviathan et al. 2023, Theorem 3.8).
+
+    `verify_cost` is the (K + 1)-token verification forward in units of a one-token target forward; the paper
+    takes it as 1, which holds when decoding is memory-bound (GPUs); on a CPU it can be several times more.
+    """
+    tokens = lookahead + 1 if alpha >= 1 else (1 - alpha ** (lookahead + 1)) / (1 - alpha)
+    return tokens / (cost_ratio * lookahead + verify_cost)
+
+
+def _timed_plain(model: GPT2LMHeadModel, ids: torch.Tensor, config: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    stats = GenerationStats()
+    start = time.perf_counter()
+    out = generate(model, ids, config, stats=stats)
+    seconds = time.perf_counter() - start
+    steps = max(1, stats.new_tokens - 1)  # the first token comes from the prefill
+    return out, {
+        "seconds": seconds,
+        "tokens_per_second": stats.new_tokens / seconds,
+        "step_seconds": stats.decode_seconds / steps,  # one decode forward (plus sampling)
+    }
+
+
+def _timed_speculative(
+    target: GPT2LMHeadModel, draft: GPT2LMHeadModel, ids: torch.Tensor, config: GenerationConfig
+) -> tuple[torch.Tensor, SpeculativeStats, float]:
+    spec = SpeculativeStats()
+    start = time.perf_counter()
+    pieces = [ids, *speculative_stream(target, draft, ids, config, spec_stats=spec)]
+    return torch.cat(pieces, dim=1), spec, time.perf_counter() - start
+
+
+def _row(
+    case: str,
+    draft_name: str,
+    K: int,
+    spec: SpeculativeStats,
+    seconds: float,
+    plain: dict[str, float],
+    c: float,
+    out: torch.Tensor,
+    reference: torch.Tensor,
+    temperature: float,
+) -> dict[str, Any]:
+    """One line of results: a speculative run next to the plain run it is compared with."""
+    alpha = spec.alpha  # per judged draft: the alpha of the formula
+    v = spec.verify_seconds / max(1, spec.rounds) / plain["step_seconds"]  # verify forward, in target steps
+    known = math.isfinite(alpha)
+    return {
+        "case": case,
+        "draft": draft_name,
+        "lookahead": K,
+        "tokens_per_second": spec.new_tokens / seconds,
+        "plain_tokens_per_second": plain["tokens_per_second"],
+        "acceptance_rate": spec.acceptance_rate,
+        "alpha": alpha,
+        "tokens_per_target_forward": spec.tokens_per_round,
+        "cost_ratio": c,
+        "cost_ratio_in_run": spec.cost_ratio,
+        "verify_over_step": v,
+        "speedup": plain["seconds"] / seconds,
+        "theoretical_speedup": theoretical_speedup(alpha, K, c) if known else float("nan"),
+        "theoretical_speedup_with_verify_cost": theoretical_speedup(alpha, K, c, v) if known else float("nan"),
+        "target_forwards": spec.target_forwards,
+        "draft_forwards": spec.draft_forwards,
+        "seconds": {
+            "total": seconds,
+            "target": spec.target_seconds,
+            "draft": spec.draft_seconds,
+            "other": spec.other_seconds,
+        },
+        "outputs_match": bool(torch.equal(out, reference)) if temperature == 0 else None,
+    }
+
+
+def run_speculative_bench(
+    target: str = "random:gpt2-medium",
+    draft: str = "random:gpt2",
+    *,
+    cases: Sequence[str] = CASES,
+    lookaheads: Sequence[int] = (2, 4, 8),
+    self_layers: int | None = None,
+    max_new_tokens: int = 64,
+    prompt_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    threads: int | None = None,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; return the results (and write `speculative.json` + `speculative_speedup.png` to `out_dir`).
+
+    target, draft: model names as `toyllm generate` takes them (Hub id, local directory, `random:<preset>`).
+    cases: any of `draft`, `same`, `self`. self_layers: layers of the self-speculative draft (default n_layer // 4).
+    The prompt is `prompt_tokens` random token ids (seeded); EOS is ignored, so every run makes `max_new_tokens`.
+    threads: torch CPU threads (None leaves torch's default).
+    Returns {"machine": ..., "settings": ..., "plain": {...}, "rows": [one dict per (case, K)]}.
+    """
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        raise InvalidArgumentError(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
+    say = progress if progress is not None else (lambda message: None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    torch.manual_seed(seed)
+    target_model = GPT2LMHeadModel.from_pretrained(target, device=dev, dtype=dt)
+    drafts: dict[str, GPT2LMHeadModel] = {}
+    names: dict[str, str] = {}
+    if "draft" in cases:
+        drafts["draft"] = GPT2LMHeadModel.from_pretrained(draft, device=dev, dtype=dt)
+        check_draft(target_model, drafts["draft"])
+        names["draft"] = draft
+    if "same" in cases:
+        drafts["same"], names["same"] = target_model, target
+    if "self" in cases:
+        n = self_layers if self_layers is not None else max(1, target_model.config.n_layer // 4)
+        drafts["self"], names["self"] = target_model.first_layers(n), f"{target} first {n} layers"
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, target_model.config.vocab_size, (1, prompt_tokens), generator=generator).to(dev)
+
+    def config(lookahead: int = 4) -> GenerationConfig:
+        """Plain sampling without top-k, EOS ignored, so that every run makes exactly max_new_tokens."""
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=0,
+            seed=seed,
+            eos_token_id=None,
+            lookahead=lookahead,
+            max_lookahead=max(16, lookahead),
+        )
+
+    with torch.inference_mode():
+        target_model(ids[:, :8])  # warm-up: first-call allocations must not land in the first timing
+    rows, plain_runs = [], {}
+    for case, model in drafts.items():
+        # Plain decoding is timed again right before each case: on a shared machine the speed drifts over minutes,
+        # and only numbers measured side by side make a fair ratio.
+        say(f"plain decoding of the target ({max_new_tokens} tokens), then of the {case} draft")
+        reference, plain = _timed_plain(target_model, ids, config())
+        draft_plain = plain if case == "same" else _timed_plain(model, ids, config())[1]
+        plain_runs[case] = {"target": plain, "draft": draft_plain}
+        c = draft_plain["step_seconds"] / plain["step_seconds"]
+        for K in lookaheads:
+            say(f"speculative, {case} draft, K={K}")
+            out, spec, seconds = _timed_speculative(target_model, model, ids, config(K))
+            rows.append(_row(case, names[case], K, spec, seconds, plain, c, out, reference, temperature))
+    results: dict[str, Any] = {
+        "machine": describe_machine(dev),
+        "settings": {
+            "target": target,
+            "draft": draft,
+            "cases": list(drafts),
+            "lookaheads": list(lookaheads),
+            "max_new_tokens": max_new_tokens,
+            "prompt_tokens": prompt_tokens,
+            "temperature": temperature,
+            "seed": seed,
+            "dtype": str(next(target_model.parameters()).dtype),
+        },
+        "plain": plain_runs,
+        "rows": rows,
+    }
+    if out_dir is not None:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "speculative.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        plot_speedup(results, folder / "speculative_speedup.png")
+    return results
+
+
+def plot_speedup(results: dict[str, Any], path: str | Path) -> None:
+    """Measured (solid) and theoretical (dashed) speedup against K, one colour per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.5, 4.4))
+    for i, case in enumerate(results["settings"]["cases"]):
+        rows = [r for r in results["rows"] if r["case"] == case]
+        ks = [r["lookahead"] for r in rows]
+        label = f"{case} (alpha={rows[0]['alpha']:.2f}, c={rows[0]['cost_ratio']:.2f})"
+        ax.plot(ks, [r["speedup"] for r in rows], "o-", color=f"C{i}", label=f"{label} measured")
+        ax.plot(ks, [r["theoretical_speedup"] for r in rows], "x--", color=f"C{i}", label=f"{case} theory")
+        ax.plot(
+            ks,
+            [r["theoretical_speedup_with_verify_cost"] for r in rows],
+            "+:",
+            color=f"C{i}",
+            label=f"{case} theory, measured verify cost",
+        )
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("lookahead K")
+    ax.set_ylabel("speedup over plain KV decoding")
+    ax.set_title(f"{results['settings']['target']}: speculative decoding")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside, clear of the lines
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A Markdown table of the rows, for BENCHMARKS.md."""
+    lines = [
+        "| case | K | tokens/s spec | tokens/s plain | accepted/proposed | alpha | tokens/target fwd | c | "
+        "v = verify/step | speedup | theory | theory with v | same output |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['case']} | {r['lookahead']} | {r['tokens_per_second']:.2f} | {r['plain_tokens_per_second']:.2f} | "
+            f"{r['acceptance_rate']:.3f} | {r['alpha']:.3f} | {r['tokens_per_target_forward']:.2f} | "
+            f"{r['cost_ratio']:.3f} | "
+            f"{r['verify_over_step']:.2f} | {r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | "
+            f"{r['theoretical_speedup_with_verify_cost']:.2f}x | {r['outputs_match']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="random:gpt2-medium")
+    parser.add_argument("--draft", default="random:gpt2")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--lookaheads", default="2,4,8")
+    parser.add_argument("--self-layers", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None)
+    a = parser.parse_args()
+    res = run_speculative_bench(
+        a.target,
+        a.draft,
+        cases=a.cases.split(","),
+        lookaheads=[int(k) for k in a.lookaheads.split(",")],
+        self_layers=a.self_layers,
+        max_new_tokens=a.max_new_tokens,
+        prompt_tokens=a.prompt_tokens,
+        temperature=a.temperature,
+        threads=a.threads,
+        device=a.device,
+        out_dir=a.out,
+        progress=lambda m: print(m, flush=True),
+    )
+    print(format_table(res))

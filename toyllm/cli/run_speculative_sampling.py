@@ -1,0 +1,95 @@
+"""Speculative sampling: the seed project's script, kept working verbatim.
+
+    python toyllm/cli/run_speculative_sampling.py --target_model gpt2-medium --draft_model gpt2-small --lookahead 5
+    python toyllm/cli/run_speculative_sampling.py --target_model random:gpt2-medium --draft_model random:gpt2 \\
+        --max_new_tokens 20 --seed 0                                                                    (offline)
+
+The draft proposes `--lookahead` tokens, the target checks them in one forward pass, and the output follows the
+target's own distribution exactly (at temperature 0: the target's greedy output). The completion goes to stdout;
+the statistics (acceptance rate, tokens per target forward, forwards, time split) go to stderr.
+`toyllm generate "..." --model gpt2-medium --draft gpt2` does the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file, Python put toyllm/cli/ first on sys.path, where our `generate.py`, `train.py`, ... would shadow
+    # other modules. Put the repository root there instead: that also makes `import toyllm` work from a checkout
+    # that was never pip-installed.
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+from toyllm.cli.common import DEFAULT_PROMPT, run_generate, run_guarded  # noqa: E402
+from toyllm.generation import LOOKAHEAD_SCHEDULES, GenerationConfig  # noqa: E402
+
+# The seed project's names that are not Hugging Face Hub ids.
+HUB_ALIASES = {"gpt2-small": "gpt2"}
+
+
+def hub_name(name: str) -> str:
+    """`gpt2-small` -> `gpt2` (the Hub has no `gpt2-small`); `random:gpt2-small` works as it is."""
+    return HUB_ALIASES.get(name, name)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Speculative sampling with a GPT-2 target and a smaller draft.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--target_model", default="gpt2-medium", help="Hub id, local checkpoint, or random:<preset>")
+    p.add_argument(
+        "--draft_model", default="gpt2-small", help="a model sharing the target's tokenizer (Hub id, path, random:)"
+    )
+    p.add_argument(
+        "--draft_layers", type=int, default=None, help="self-speculative: use the target's first N layers as the draft"
+    )
+    p.add_argument("--lookahead", type=int, default=4, help="draft tokens proposed per round (K)")
+    p.add_argument("--lookahead_schedule", default="constant", choices=LOOKAHEAD_SCHEDULES, help="how K adapts")
+    p.add_argument("--max_lookahead", type=int, default=16, help="upper bound on K for heuristic and threshold")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
+    p.add_argument(
+        "--max_new_tokens", "--max_length", dest="max_new_tokens", type=int, default=50, help="new tokens to generate"
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=50, help="0 disables")
+    p.add_argument("--top_p", type=float, default=1.0, help="in (0, 1]; 1 disables")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="1 disables")
+    p.add_argument("--seed", type=int, default=None, help="make the run repeatable")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--stream", action="store_true", help="print the completion as it is generated")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        lookahead=args.lookahead,
+        lookahead_schedule=args.lookahead_schedule,
+        max_lookahead=max(args.max_lookahead, args.lookahead),
+    )
+    return run_guarded(
+        lambda: run_generate(
+            args.prompt,
+            config,
+            model=hub_name(args.target_model),
+            draft=None if args.draft_layers is not None else hub_name(args.draft_model),
+            draft_layers=args.draft_layers,
+            device=args.device,
+            dtype=args.dtype,
+            stream=args.stream,
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) on toyllm's GPT-2 and KV cache.
+
+Use it through `toyllm.generation.generate(target, ids, config, draft_model=draft)`; this package holds the engine.
+"""
+
+from toyllm.speculative.decode import SpeculativeDecoder, check_draft, speculative_stream
+from toyllm.speculative.schedules import (
+    ConstantSchedule,
+    HeuristicSchedule,
+    LookaheadSchedule,
+    ThresholdSchedule,
+    make_schedule,
+)
+from toyllm.speculative.stats import SpeculativeStats
+from toyllm.speculative.verify import residual_distribution, verify_drafts
+
+__all__ = [
+    "ConstantSchedule",
+    "HeuristicSchedule",
+    "LookaheadSchedule",
+    "SpeculativeDecoder",
+    "SpeculativeStats",
+    "ThresholdSchedule",
+    "check_draft",
+    "make_schedule",
+    "residual_distribution",
+    "speculative_stream",
+    "verify_drafts",
+]

@@ -1,0 +1,317 @@
+"""Speculative sampling: a cheap draft model proposes tokens, the target verifies them all in one forward pass.
+
+One *round* (batch size 1; `L` tokens so far, the target's cache holding all but the last):
+
+    1. the draft proposes k tokens one by one with its own KV cache, sampling each from q, its processed
+       distribution (the same repetition penalty / temperature / top-k / top-p as plain sampling);
+    2. the target runs ONE forward over [last token, d_1 .. d_k] (k + 1 positions, a bottom-right causal mask
+       over its cache) and processes its logits the same way, position by position, into p;
+    3. `verify_drafts` keeps the first n drafts and picks one more token (residual or bonus), so every round
+       emits n + 1 tokens, each distributed exactly as the target alone would sample it;
+    4. both caches roll back to the accepted tokens (`truncate`: rejected rows are overwritten later).
+
+Nothing accepted is recomputed: the target's cache already holds d_1 .. d_n, and the draft's cache holds what it
+fed. The draft's cache lags one or two tokens behind (the token it proposed last, the bonus token); it catches up
+by feeding them together at the start of the next round.
+
+Context window: each model predicts from at most its `n_positions` latest tokens, with the same rule as plain
+generation (`toyllm.generation`): when the target's context would overflow, its window start jumps to
+`L - window_keep` and its cache is rebuilt by one prefill. A round never drafts past the window, so the target
+sees exactly the contexts that plain decoding gives it, and the output equals plain decoding even past the window.
+The draft slides its own window independently (it only affects speed). With `sliding_window=False`, generation
+stops at the target's window, as plain decoding does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from toyllm.errors import InvalidArgumentError
+from toyllm.generation import GenerationConfig, GenerationStats, _StopChecker, _sync, prefill
+from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.kv_cache import KVCache
+from toyllm.sampling import logits_to_probs, process_logits, sample
+from toyllm.speculative.schedules import LookaheadSchedule, make_schedule
+from toyllm.speculative.stats import SpeculativeStats
+from toyllm.speculative.verify import verify_drafts
+
+
+def check_draft(target: GPT2LMHeadModel, draft: GPT2LMHeadModel) -> None:
+    """A draft must speak the target's vocabulary and live on its device."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise InvalidArgumentError(
+            f"the draft model has a vocabulary of {draft.config.vocab_size} tokens but the target has "
+            f"{target.config.vocab_size}; speculative decoding needs both to share one tokenizer"
+        )
+    t_dev, d_dev = next(target.parameters()).device, next(draft.parameters()).device
+    if t_dev != d_dev:
+        raise InvalidArgumentError(f"the draft is on {d_dev} but the target is on {t_dev}; put both on one device")
+
+
+class _Window:
+    """One model, its KV cache, and the start `s` of the tokens it sees: the cache holds tokens[s : s + length]."""
+
+    def __init__(self, model: GPT2LMHeadModel, max_len: int, keep: int) -> None:
+        self.model = model
+        self.size = model.config.n_positions
+        self.keep = keep  # tokens kept when the window slides
+        self.cache = KVCache.for_model(model, 1, max_len=min(self.size, max_len))
+        self.start = 0
+
+    @property
+    def end(self) -> int:
+        """Absolute index one past the last token in the cache."""
+        return self.start + self.cache.length
+
+    def slide(self, length: int) -> None:
+        """Keep the last `keep` of `length` tokens: the cache empties and refills from tokens[start:] later."""
+        self.start = length - self.keep
+        self.cache.reset()
+
+    def rollback(self, length: int) -> None:
+        """Forget cached tokens at absolute positions >= length (rejected drafts)."""
+        self.cache.truncate(max(0, min(self.end, length) - self.start))
+
+
+class SpeculativeDecoder:
+    """The state of one speculative generation; `step()` runs one round and returns the tokens it emitted.
+
+    Exposed for tests and the curious: `tokens[:length]` is the sequence so far (prompt first), `target_window.cache`
+    and `draft_window.cache` the two KV caches, `stats` the counters, `schedule` the lookahead schedule.
+    """
+
+    def __init__(
+        self,
+        target: GPT2LMHeadModel,
+        draft: GPT2LMHeadModel,
+        input_ids: torch.Tensor,
+        config: GenerationConfig,
+        *,
+        tokenizer: Any | None = None,
+        schedule: LookaheadSchedule | None = None,
+        stats: SpeculativeStats | None = None,
+    ) -> None:
+        config.validate()
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+            raise InvalidArgumentError(
+                "speculative decoding takes one non-empty prompt (batch size 1), input_ids of shape (1, T); "
+                f"got {tuple(input_ids.shape)}"
+            )
+        check_draft(target, draft)
+        self.config = config
+        self.target, self.draft = target, draft
+        device = input_ids.device
+        W = target.config.n_positions
+        keep = config.window_keep if config.window_keep is not None else W // 2
+        if keep >= W:
+            raise InvalidArgumentError(f"window_keep ({keep}) must be smaller than the context window ({W})")
+        self.prompt_length = T0 = input_ids.shape[1]
+        if T0 > W and not config.sliding_window:
+            raise InvalidArgumentError(
+                f"the prompt has {T0} tokens but the model's context window is {W}; shorten it or allow the window"
+            )
+        total = T0 + config.max_new_tokens
+        # Drafts are written here too, tentatively, right after the accepted tokens: rejected ones get overwritten.
+        self.tokens = torch.zeros(total, dtype=torch.long, device=device)
+        self.tokens[:T0] = input_ids[0]
+        self.length = T0
+        self.target_window = _Window(target, total, keep)  # a prompt longer than W slides it in the first round
+        W_d = draft.config.n_positions
+        self.draft_window = _Window(draft, total, keep if keep < W_d else W_d // 2)
+        self.stopper = _StopChecker(config, tokenizer, 1, device)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+        self.schedule = schedule if schedule is not None else make_schedule(config)
+        self.stats = stats if stats is not None else SpeculativeStats()
+        self.done = False
+
+    # -- one round ---------------------------------------------------------------------------------------------
+
+    def step(self) -> torch.Tensor:
+        """Run one round; return the (n,) tokens it emitted (empty once generation is over)."""
+        if self.done:
+            return self.tokens[:0]
+        start = time.perf_counter()
+        new = self._round()
+        _sync(self.tokens.device)
+        self.stats.total_seconds += time.perf_counter() - start
+        return new
+
+    def _round(self) -> torch.Tensor:
+        cfg, L = self.config, self.length
+        tw, dw = self.target_window, self.draft_window
+        if L - tw.start > tw.size:  # the target's context is full: slide, exactly as plain generation does
+            if not cfg.sliding_window:
+                self.done = True
+                return self.tokens[:0]
+            tw.slide(L)
+        # How many drafts: the schedule's K, but never past max_new_tokens (k drafts + 1 token <= what is left)
+        # nor past the target's window (the last draft sits at position L + k - 1, predicting position L + k).
+        remaining = self.prompt_length + cfg.max_new_tokens - L
+        k = min(self.schedule.lookahead, remaining - 1, tw.start + tw.size - L)
+        if k > 0:  # the draft reads tokens[dw.start : L + k - 1]: slide its window if even L is too far
+            if L - dw.start > dw.size:
+                dw.slide(L)
+            k = min(k, dw.start + dw.size - L + 1)
+
+        confidences, q = self._propose(k)
+        k = len(confidences)
+        p = self._target_probs(k)
+        n, nxt = self._verify(self.tokens[L : L + k], q, p, self.generator)
+        self.tokens[L + n] = nxt  # overwrite the first rejected draft (or write the bonus token)
+        tw.rollback(L + n)  # the cache keeps the last token out, so it stays one behind: tokens[start : L + n]
+        dw.rollback(L + n)
+
+        emitted = self._emit(n + 1)
+        s = self.stats
+        s.rounds += 1
+        s.proposed += k
+        s.accepted += n
+        s.rejected += int(n < k)
+        s.new_tokens += emitted
+        s.lookaheads.append(k)
+        s.accepted_per_round.append(n)
+        c = s.cost_ratio
+        self.schedule.update(k, n, confidences, c if math.isfinite(c) else None)
+        return self.tokens[L : L + emitted]
+
+    def _emit(self, n: int) -> int:
+        """Advance over n new tokens one at a time, stopping right after EOS, a stop string or max_new_tokens."""
+        for i in range(n):
+            self.length += 1
+            new = self.tokens[None, self.length - 1 : self.length]  # (1, 1)
+            self.stopper.update(new, self.tokens[None, self.prompt_length : self.length])
+            if bool(self.stopper.finished.all()) or self.length - self.prompt_length >= self.config.max_new_tokens:
+                self.done = True
+                return i + 1
+        return n
+
+    # -- the draft ---------------------------------------------------------------------------------------------
+
+    def _process(
+        self, logits: torch.Tensor, previous: torch.Tensor | None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The plain-generation sampling pipeline: (rows, V) logits after the tokens `previous` (rows, T)."""
+        c = self.config
+        return process_logits(
+            logits,
+            previous if c.repetition_penalty != 1.0 else None,
+            temperature=c.temperature,
+            top_k=c.top_k,
+            top_p=c.top_p,
+            repetition_penalty=c.repetition_penalty,
+            valid=valid,
+        )
+
+    def _propose(self, k: int) -> tuple[list[float], torch.Tensor]:
+        """Let the draft write up to k tokens at tokens[L : L + k]; return their confidences and q, (k, V)."""
+        L, dw = self.length, self.draft_window
+        self.schedule.start_round()
+        confidences: list[float] = []
+        qs: list[torch.Tensor] = []
+        for i in range(1, k + 1):
+            pos = L + i - 1  # index of the token to propose
+            logits = self._timed_draft(self.tokens[None, dw.end : pos])  # (1, V)
+            processed = self._process(logits, self.tokens[None, :pos])
+            # The draft's confidence: its top probability (before the greedy one-hot, so it means something at T=0).
+            confidence = float(torch.softmax(processed, dim=-1).max())
+            if not self.schedule.keep_drafting(i, confidence) and i > 1:
+                break
+            token, q = self._draft_token(logits, processed)
+            self.tokens[pos] = token
+            confidences.append(confidence)
+            qs.append(q)
+        V = self.target.config.vocab_size
+        q = torch.stack(qs) if qs else self.tokens.new_zeros(0, V, dtype=torch.float32)
+        return confidences, q
+
+    def _draft_token(self, logits: torch.Tensor, processed: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Sample a draft token and return it with q, EXACTLY the distribution it was sampled from, (V,).
+
+        `logits` (the raw ones) is unused here; it is passed so that a test can plant the classic bug (q from raw
+        logits) and watch the output distribution go wrong.
+        """
+        token = int(sample(processed, self.config.temperature, self.generator))
+        return token, logits_to_probs(processed, self.config.temperature)[0]
+
+    def _timed_draft(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed the draft the tokens its cache lacks (1 or 2 while decoding, the context after a slide)."""
+        start = time.perf_counter()
+        logits = prefill(self.draft, self.draft_window.cache, ids, chunk_size=self.config.chunk_size)  # (1, V)
+        _sync(ids.device)
+        elapsed = time.perf_counter() - start
+        s = self.stats
+        s.draft_forwards += 1
+        s.draft_seconds += elapsed
+        if ids.shape[1] > 2:
+            s.draft_prefills += 1
+            s.draft_prefill_seconds += elapsed
+        return logits
+
+    # -- the target --------------------------------------------------------------------------------------------
+
+    def _target_probs(self, k: int) -> torch.Tensor:
+        """One verification forward over tokens[L - 1 : L + k]; return p, (k + 1, V), processed row by row."""
+        L, tw, s = self.length, self.target_window, self.stats
+        device = self.tokens.device
+        start = time.perf_counter()
+        if tw.end < L - 1:  # the prompt (or the context after a slide), without its last token
+            prefill(self.target, tw.cache, self.tokens[None, tw.end : L - 1], chunk_size=self.config.chunk_size)
+            s.target_forwards += 1
+        _sync(device)
+        verify_start = time.perf_counter()
+        logits = self.target(self.tokens[None, L - 1 : L + k], cache=tw.cache, logits_to_keep=k + 1)[0]  # (k+1, V)
+        _sync(device)
+        end = time.perf_counter()
+        s.target_forwards += 1
+        s.target_seconds += end - start
+        s.verify_seconds += end - verify_start
+        previous = valid = None
+        if self.config.repetition_penalty != 1.0:
+            # Row j predicts position L + j, after tokens[:L + j]: the penalty must see exactly that prefix.
+            previous = self.tokens[None, : L + k].expand(k + 1, -1)  # (k+1, L+k)
+            valid = torch.arange(L + k, device=device)[None] < (L + torch.arange(k + 1, device=device))[:, None]
+        return logits_to_probs(self._process(logits, previous, valid), self.config.temperature)
+
+    # The acceptance rule, a plain function (see verify.py); a class attribute so that a test can swap in a broken one.
+    _verify = staticmethod(verify_drafts)
+
+
+def speculative_stream(
+    target: GPT2LMHeadModel,
+    draft: GPT2LMHeadModel,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    tokenizer: Any | None = None,
+    stats: GenerationStats | None = None,
+    spec_stats: SpeculativeStats | None = None,
+    schedule: LookaheadSchedule | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the new tokens of one prompt, a (1, n) block per round, with the target's exact output distribution.
+
+    `stats` gets the usual generation numbers, with the speculative ones (`SpeculativeStats.summary()`) in
+    `stats.extra`; pass `spec_stats` to keep the full `SpeculativeStats` (per-round lookaheads included).
+    """
+    spec = spec_stats if spec_stats is not None else SpeculativeStats()
+    decoder = SpeculativeDecoder(target, draft, input_ids, config, tokenizer=tokenizer, schedule=schedule, stats=spec)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = decoder.prompt_length
+    start = time.perf_counter()
+    first = True
+    with torch.inference_mode():
+        while not decoder.done:
+            new = decoder.step()
+            now = time.perf_counter()
+            if first:
+                stats.prefill_seconds, start, first = now - start, now, False
+            stats.new_tokens = spec.new_tokens
+            stats.target_forwards = spec.target_forwards
+            stats.decode_seconds = now - start
+            stats.extra.update(spec.summary())
+            if new.numel():
+                yield new[None]
