@@ -80,8 +80,10 @@ def test_every_mode_reports_every_metric(run_payload: dict) -> None:
         assert r["decode_ms_p50"] <= r["decode_ms_p90"] <= r["decode_ms_p99"]
         assert r["ttft_ms_min"] <= r["ttft_ms_median"] and r["decode_tok_s_best"] >= r["decode_tok_s_median"]
         assert r["roofline_fraction"] > 0
+        assert r["peak_alloc_bytes"] > 0
     assert rows["naive"]["kv_cache_bytes"] == 0 < rows["kv"]["kv_cache_bytes"]
     assert rows["bf16"]["kv_cache_bytes"] == rows["kv"]["kv_cache_bytes"] // 2
+    assert rows["kv"]["peak_alloc_bytes"] >= rows["kv"]["kv_cache_bytes"]  # the cache is allocated during the run
     for mode, ratio in (("int8", 4), ("int8-dyn", 4), ("fp16w", 2), ("bf16", 2)):  # bytes per weight: 4 / ratio
         assert rows[mode]["streamed_bytes"] < 1.1 * rows["kv"]["streamed_bytes"] / ratio, mode
     assert run_payload["bandwidth_bytes_per_s"] > 0

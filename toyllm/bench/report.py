@@ -49,7 +49,8 @@ def results_cells(rows: Sequence[dict[str, Any]], baseline: str | None = None) -
     base = next((r for r in rows if r["mode"] == baseline), None)
     speed_headers = ["mode", "TTFT ms\nmin / med", "prefill\ntok/s", "decode ms/token\np50 / p90 / p99"]
     speed_headers += ["decode tok/s\nbest / med"] + ([f"vs {baseline}\n(best)"] if base else []) + ["roofline\n(best)"]
-    memory_headers = ["mode", "peak mem\n(RSS or CUDA)", "KV cache", "weights\nheld", "weights read\nper step"]
+    memory_headers = ["mode", "peak RSS or\nCUDA increase", "peak torch\nallocations", "KV cache", "weights\nheld"]
+    memory_headers += ["weights read\nper step"]
     memory_headers += ["same tokens\nas kv"]
     speed, memory = [], []
     for r in rows:
@@ -71,6 +72,7 @@ def results_cells(rows: Sequence[dict[str, Any]], baseline: str | None = None) -
             [
                 r["mode"],
                 fmt_bytes(r["peak_mem_bytes"]),
+                fmt_bytes(r.get("peak_alloc_bytes")),
                 fmt_bytes(r["kv_cache_bytes"]),
                 fmt_bytes(r["model_bytes"]),
                 fmt_bytes(r["streamed_bytes"]),

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from toyllm.bench.memory import PeakMemory
+from toyllm.bench.memory import PeakMemory, trace_allocations
 
 OnTokens = Callable[[torch.Tensor], None]
 
@@ -137,6 +137,7 @@ class ModeResult:
     model_bytes: int
     streamed_bytes: int
     warmup_s: float  # the first warm-up run: includes compilation for compiled modes
+    peak_alloc_bytes: int | None = None  # most bytes torch held during one (untimed, traced) run, above the start
     tokens_match: float | None = None  # fraction of tokens equal to the reference mode's (greedy decoding)
     roofline_fraction: float | None = None  # streamed bytes x decode steps/s / measured bandwidth
     extra: dict[str, Any] = field(default_factory=dict)
@@ -208,6 +209,16 @@ def run_modes(
     prompt_len = input_ids.shape[1]
     results = [summarize(m, timelines[m.name], prompt_len, warmup_s.get(m.name, float("nan"))) for m in modes]
     return results, timelines
+
+
+def traced_peak_bytes(mode: Mode, input_ids: torch.Tensor, max_new_tokens: int) -> int:
+    """Peak bytes that torch's allocator held during one more run of `mode`, above what it held before.
+
+    RSS cannot see this on a CPU: after the first run, freed memory stays in the process and is reused, so the RSS of
+    later runs does not grow even though they allocate a cache and activations. The allocator's own events can.
+    """
+    trace = trace_allocations(lambda: mode.run(input_ids, max_new_tokens, lambda block: None), input_ids.device)
+    return trace.peak_bytes
 
 
 def token_agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:

@@ -32,7 +32,7 @@ from toyllm.bench.report import (
     write_json,
     write_markdown,
 )
-from toyllm.bench.runner import run_modes, token_agreement
+from toyllm.bench.runner import run_modes, token_agreement, traced_peak_bytes
 from toyllm.bench.sweep import DEFAULT_LENGTHS, SWEEP_COLUMNS, kv_never_slower, run_sweep
 from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import InvalidArgumentError
@@ -107,7 +107,10 @@ def benchmark(settings: BenchSettings, advance: Callable[[str], None] | None = N
         bandwidths.append(measure_read_bandwidth(device, probe))
     bandwidth = max(bandwidths) if bandwidths else None
     reference = timelines["kv"][0].tokens if "kv" in timelines else None
-    for r in results:
+    for mode, r in zip(modes, results, strict=True):
+        r.peak_alloc_bytes = traced_peak_bytes(mode, ids, settings.max_new_tokens)  # after timing: it slows the run
+        if advance is not None:
+            advance(mode.name)
         if reference is not None:
             r.tokens_match = token_agreement(timelines[r.mode][0].tokens, reference)
         if bandwidth:

@@ -148,7 +148,7 @@ def bench(
         draft=draft,
     )
     settings.validate()
-    runs = (warmup + repeats) * len(settings.modes)
+    runs = (warmup + repeats + 1) * len(settings.modes)  # + 1: the traced run that measures peak allocations
     with _progress() as progress:
         task = progress.add_task("benchmarking", total=runs)
         payload = benchmark(settings, advance=lambda mode: progress.advance(task))
