@@ -185,10 +185,11 @@ def plot_percentiles(rows: Sequence[dict[str, Any]], path: Path, machine: dict[s
         xs = [j + (i - 1) * width for j in range(len(rows))]
         ax.bar(xs, [r[key] for r in rows], width, label=label)
     ax.set_xticks(range(len(rows)), [r["mode"] for r in rows])
-    ax.set_ylabel("ms per token (decode)")
+    ax.set_yscale("log")  # modes differ by 10x and more; a log axis keeps the fast ones readable
+    ax.set_ylabel("ms per token (decode, log scale)")
     ax.set_title(f"Decode latency percentiles\n{_subtitle(machine)}", fontsize=10)
     ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis="y", alpha=0.3, which="both")
     return _save(fig, plt, path)
 
 
@@ -199,7 +200,8 @@ def plot_throughput(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
     xs = range(len(rows))
-    ax.bar(xs, [r["decode_tok_s_best"] for r in rows], 0.6, label="measured (best run)")
+    bars = ax.bar(xs, [r["decode_tok_s_best"] for r in rows], 0.6, label="measured (best run)")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
     if bandwidth:
         ceilings = [bandwidth / r["streamed_bytes"] * r["batch_size"] for r in rows]
         ax.scatter(xs, ceilings, marker="_", s=900, color="black", label="roofline: bandwidth / bytes per step")
@@ -220,7 +222,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: Path, machine: dict[str,
     for mode in modes:
         pts = sorted((r["new_tokens"], r["total_s_min"]) for r in rows if r["mode"] == mode)
         ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
-    ax.set_xscale("log")
+    _length_axis(ax, rows)
     ax.set_yscale("log")
     ax.set_xlabel("generated tokens")
     ax.set_ylabel("seconds to generate them (min over repeats)")
@@ -235,7 +237,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: Path, machine: dict[str,
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=f"{mode} over naive")
     ax.axhline(1.0, color="gray", lw=1, ls="--")
-    ax.set_xscale("log")
+    _length_axis(ax, rows)
     ax.set_xlabel("generated tokens")
     ax.set_ylabel("speedup (naive time / mode time)")
     ax.set_title(f"What the KV cache buys, by length\n{_subtitle(machine)}", fontsize=10)
@@ -243,6 +245,14 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: Path, machine: dict[str,
     ax.grid(alpha=0.3, which="both")
     paths.append(_save(fig, plt, out_dir / "sweep_speedup.png"))
     return paths
+
+
+def _length_axis(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """A log axis of generated lengths, ticked at the measured lengths and labelled with plain numbers."""
+    lengths = sorted({r["new_tokens"] for r in rows})
+    ax.set_xscale("log")
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
 
 
 def plot_step_latency(curves: dict[str, list[float]], path: Path, machine: dict[str, Any]) -> Path:
