@@ -170,14 +170,17 @@ def test_seed_script_runs_a_small_sweep(tmp_path: Path) -> None:
     assert data["lengths"] == [4] and data["settings"]["batch_size"] == 2
 
 
-def test_cli_prefill_and_overhead_write_json(tmp_path: Path) -> None:
+def test_cli_prefill_overhead_and_profile_write_json(tmp_path: Path) -> None:
     common = ["--model", TINY, "--device", "cpu", "--out", str(tmp_path)]
     assert run_app(["bench", "prefill", "--prompt-len", "64", "--chunk-size", "16", *common]) == 0
     assert run_app(["bench", "overhead", "-n", "4", "-r", "1", *common]) == 0
+    assert run_app(["bench", "profile", "--modes", "kv,hf", "--steps", "2", *common]) == 0
     prefill = json.loads((tmp_path / "prefill.json").read_text())["result"]
     assert prefill["prompt_len"] == 64 and prefill["same_argmax"]
     overhead = json.loads((tmp_path / "overhead.json").read_text())
     assert overhead["timing"]["twin_step_ms_p50"] > 0 and overhead["profile"][0]["self_ms_per_step"] > 0
+    profiles = json.loads((tmp_path / "profile.json").read_text())["profiles"]
+    assert set(profiles) == {"kv", "hf"} and all(0 <= row["share"] <= 1 for row in profiles["hf"])
 
 
 # -- the measurements ----------------------------------------------------------------------------------------------

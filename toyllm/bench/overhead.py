@@ -8,7 +8,7 @@ Three measurements:
 - `step_allocations`: what the decode loop allocates per step, traced exactly. A preallocated cache means no
   allocation may be as large as a cache tensor, and the bytes per step must not grow with the position (growth by
   torch.cat would copy the whole cache every step).
-- `step_profile`: the operators that take the time in a real decode step (torch.profiler), for the reports.
+- `decode_profile`: the operators that take the time in a decode step of any mode (torch.profiler).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from toyllm.bench.memory import trace_allocations
 from toyllm.bench.modes import ToyllmMode
-from toyllm.bench.runner import percentile, sync, time_generation
+from toyllm.bench.runner import Mode, percentile, sync, time_generation
 from toyllm.generation import GenerationConfig, stream_tokens
 from toyllm.gpt2.model import GPT2LMHeadModel
 
@@ -86,25 +86,32 @@ def step_allocations(model: GPT2LMHeadModel, batch_size: int = 1, prompt_len: in
     }
 
 
-def step_profile(model: GPT2LMHeadModel, batch_size: int = 1, steps: int = 16, top: int = 10) -> list[dict]:
-    """The operators with the most self time over `steps` decode steps, per step."""
+def decode_profile(mode: Mode, input_ids: torch.Tensor, steps: int = 16, top: int = 10) -> list[dict[str, Any]]:
+    """The operators with the most self time per decode step, for any mode (transformers' generate included).
+
+    Two profiled runs: one of 1 + `steps` tokens and one of 1 token (prefill and first sampling only). Their
+    per-operator difference is what the `steps` decode steps cost, without having to reach inside the loop.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    device = next(model.parameters()).device
-    loop = _decode_loop(model, batch_size, 16, steps)
+    device = input_ids.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in loop:
-            pass
-        sync(device)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
+
+    def op_times(n: int) -> dict[str, tuple[float, int]]:
+        with profile(activities=activities) as prof:
+            mode.run(input_ids, n, lambda block: None)
+            sync(device)
+        return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+
+    mode.run(input_ids, 2, lambda block: None)  # warm-up
+    prefill, full = op_times(1), op_times(1 + steps)
+    rows = []
+    for op, (micros, count) in full.items():
+        base_micros, base_count = prefill.get(op, (0.0, 0))
+        rows.append((op, max(0.0, micros - base_micros), (count - base_count) / steps))
+    total = sum(r[1] for r in rows)
+    rows.sort(key=lambda r: r[1], reverse=True)
     return [
-        {
-            "op": e.key,
-            "calls_per_step": e.count / steps,
-            "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
-            "share": e.self_cpu_time_total / total if total else float("nan"),
-        }
-        for e in events[:top]
+        {"op": op, "calls_per_step": calls, "self_ms_per_step": micros / 1e3 / steps, "share": micros / total}
+        for op, micros, calls in rows[:top]
     ]

@@ -4,6 +4,7 @@
     toyllm bench sweep --lengths 16,64,256,1000   naive vs KV over generated lengths
     toyllm bench prefill                          chunked vs one-shot prefill: peak activation memory, same logits
     toyllm bench overhead                         Python/dispatch cost per decode step, allocations, profile
+    toyllm bench profile --modes kv,hf,int8       which operators take the time of a decode step, per mode
     toyllm bench accuracy --model DIR --text F    what bf16 and int8 cost: top-1 agreement, KL, perplexity
     toyllm bench speculative                      speculative decoding against plain KV decoding
 
@@ -263,15 +264,16 @@ def overhead(
 ) -> None:
     """Per decode step: Python/dispatch overhead (a zero-width twin model), allocations, and the top operators."""
     from toyllm.bench.machine import describe_machine
-    from toyllm.bench.overhead import step_allocations, step_overhead, step_profile
+    from toyllm.bench.modes import ToyllmMode
+    from toyllm.bench.overhead import decode_profile, step_allocations, step_overhead
     from toyllm.bench.report import simple_table, write_json
     from toyllm.bench.suite import BenchSettings, load
 
-    settings = BenchSettings(model=model, prompt_len=1, device=device, dtype=dtype, seed=seed, threads=threads)
-    loaded, _ = load(settings)
+    settings = BenchSettings(model=model, device=device, dtype=dtype, seed=seed, threads=threads, batch_size=batch_size)
+    loaded, ids = load(settings)
     timing = step_overhead(loaded, batch_size, max_new_tokens, repeats)
     allocations = step_allocations(loaded, batch_size, steps=max(1, max_new_tokens // 2))
-    profile = step_profile(loaded, batch_size, steps=max(1, max_new_tokens // 4))
+    profile = decode_profile(ToyllmMode("kv", loaded), ids, max(1, max_new_tokens // 4))
     console.print(simple_table([timing], f"{model}: decode step vs its zero-width twin (pure overhead)"))
     console.print(simple_table([allocations], "allocations per decode step (the cache is preallocated)"))
     console.print(simple_table(profile, "where a decode step spends its time (torch.profiler, self time)"))
@@ -283,6 +285,46 @@ def overhead(
         "profile": profile,
     }
     _print_written([write_json(out / "overhead.json", payload)])
+
+
+@bench_app.command()
+def profile(
+    modes: Annotated[str, typer.Option("--modes", help="Modes to profile (as for `toyllm bench`).")] = "kv,hf",
+    model: Model = DEFAULT_MODEL,
+    batch_size: BatchSize = 1,
+    prompt_len: PromptLen = 16,
+    steps: Annotated[int, typer.Option("--steps", help="Decode steps profiled per mode.")] = 16,
+    top: Annotated[int, typer.Option("--top", help="Operators listed per mode.")] = 10,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    seed: Seed = 0,
+    threads: Threads = None,
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """Where a decode step spends its time, operator by operator (torch.profiler self time), for each mode."""
+    from toyllm.bench.machine import describe_machine
+    from toyllm.bench.modes import build_modes
+    from toyllm.bench.overhead import decode_profile
+    from toyllm.bench.report import simple_table, write_json
+    from toyllm.bench.suite import BenchSettings, load
+
+    settings = BenchSettings(
+        model=model,
+        modes=modes.split(","),
+        batch_size=batch_size,
+        prompt_len=prompt_len,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        threads=threads,
+    )
+    loaded, ids = load(settings)
+    profiles = {}
+    for mode in build_modes(settings.modes, loaded):
+        profiles[mode.name] = decode_profile(mode, ids, steps, top)
+        console.print(simple_table(profiles[mode.name], f"{mode.name}: per decode step (torch.profiler self time)"))
+    payload = {"kind": "profile", "machine": describe_machine(ids.device), "steps": steps, "profiles": profiles}
+    _print_written([write_json(out / "profile.json", payload)])
 
 
 @bench_app.command()
