@@ -65,7 +65,7 @@ def step_fn(model: torch.nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
