@@ -32,7 +32,7 @@ from toyllm.quantize import quantize_int8
 
 TINY = "random:gpt2-tiny"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ALL_MODES = ("naive", "kv", "bf16", "int8", "fp16w", "int8-dyn", "speculative", "hf")
+ALL_MODES = ("naive", "kv", "onednn", "bf16", "int8", "fp16w", "int8-dyn", "speculative", "hf")
 METRICS = (
     "ttft_ms_min",
     "ttft_ms_median",
@@ -91,7 +91,7 @@ def test_every_mode_reports_every_metric(run_payload: dict) -> None:
 
 def test_greedy_modes_with_float32_weights_produce_the_same_tokens(run_payload: dict) -> None:
     rows = {r["mode"]: r for r in run_payload["results"]}
-    for mode in ("naive", "kv", "speculative", "hf"):  # same weights, same dtype: same argmax at every step
+    for mode in ("naive", "kv", "onednn", "speculative", "hf"):  # same weights and dtype: same argmax every step
         assert rows[mode]["tokens_match"] == 1.0, mode
 
 

@@ -13,11 +13,11 @@ import toyllm.quantize as quantize
 from toyllm.generation import GenerationConfig, generate
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
 from toyllm.quantize import (
-    FbgemmLinear,
     Int8Linear,
-    fbgemm_available,
+    PackedLinear,
     int8_linear,
-    quantize_fbgemm,
+    pack_for_cpu,
+    packed_kind_available,
     quantize_int8,
     quantize_weight,
 )
@@ -97,15 +97,18 @@ def test_quantized_model_casts_to_bfloat16(model: GPT2LMHeadModel) -> None:
         assert q(ids).dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm is x86-only")
-@pytest.mark.parametrize(("kind", "bytes_per_weight", "tolerance"), [("fp16", 2, 1e-3), ("int8-dynamic", 1, 0.1)])
-def test_fbgemm_layers_replace_every_linear(
-    model: GPT2LMHeadModel, kind: quantize.FbgemmKind, bytes_per_weight: int, tolerance: float
+@pytest.mark.parametrize(
+    ("kind", "bytes_per_weight", "tolerance"), [("onednn", 4, 1e-5), ("fp16", 2, 1e-3), ("int8-dynamic", 1, 0.1)]
+)
+def test_packed_layers_replace_every_linear(
+    model: GPT2LMHeadModel, kind: quantize.PackedKind, bytes_per_weight: int, tolerance: float
 ) -> None:
-    q = quantize_fbgemm(copy.deepcopy(model), kind)
+    if not packed_kind_available(kind):
+        pytest.skip(f"this torch build cannot run {kind} layers")
+    q = pack_for_cpu(copy.deepcopy(model), kind)
     assert not any(type(m) is nn.Linear for m in q.modules())
     lm_head: nn.Module = q.lm_head
-    assert isinstance(lm_head, FbgemmLinear)
+    assert isinstance(lm_head, PackedLinear)
     assert lm_head.packed_bytes >= bytes_per_weight * model.lm_head.weight.numel()
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -114,6 +117,6 @@ def test_fbgemm_layers_replace_every_linear(
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
-def test_fbgemm_refuses_what_it_cannot_run(model: GPT2LMHeadModel) -> None:
+def test_packing_refuses_what_it_cannot_run(model: GPT2LMHeadModel) -> None:
     with pytest.raises(ValueError, match="float32 model"):
-        quantize_fbgemm(copy.deepcopy(model).to(torch.bfloat16), "fp16")
+        pack_for_cpu(copy.deepcopy(model).to(torch.bfloat16), "fp16")

@@ -16,11 +16,12 @@ GPT-2 ties its output projection to the token embedding. The embedding is only g
 stays in float; `lm_head` gets an int8 copy of the same matrix, which is the largest single matrix read per token.
 
 Whether fewer bytes mean more speed depends on a kernel that reads them directly. torch's `_weight_int8pack_mm` has
-one for AVX-512 CPUs and GPUs; on AVX2-only CPUs it falls back to slow code. There, `quantize_fbgemm` swaps in
-fbgemm's x86 kernels instead (the ones behind torch's dynamic quantization), to show what compact weights buy:
-`"fp16"` keeps float16 weights and float32 activations (weight-only, 2 bytes per weight), and `"int8-dynamic"` uses
-the same int8 weights and scales but also rounds each input row to 8 bits on the fly (W8A8: not weight-only, so it
-costs more accuracy, which `toyllm bench accuracy` measures).
+one for AVX-512 CPUs and GPUs; on AVX2-only CPUs it falls back to slow code. There, `pack_for_cpu` swaps in fbgemm's
+x86 kernels instead (the ones behind torch's dynamic quantization), to show what compact weights buy: `"fp16"` keeps
+float16 weights and float32 activations (weight-only, 2 bytes per weight), and `"int8-dynamic"` uses the same int8
+weights and scales but also rounds each input row to 8 bits on the fly (W8A8: not weight-only, so it costs more
+accuracy, which `toyllm bench accuracy` measures). `"onednn"` changes no number at all: it stores the float32 weight
+in oneDNN's blocked layout, whose matrix-vector kernel reads memory faster on CPUs.
 """
 
 from __future__ import annotations
@@ -108,27 +109,35 @@ def quantize_int8(model: ModuleT) -> ModuleT:
     return model
 
 
-FbgemmKind = Literal["fp16", "int8-dynamic"]
+PackedKind = Literal["onednn", "fp16", "int8-dynamic"]
 
 
-def fbgemm_available() -> bool:
+def packed_kind_available(kind: PackedKind) -> bool:
+    if kind == "onednn":
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-class FbgemmLinear(nn.Module):
-    """An `nn.Linear` whose weight is packed for one of fbgemm's x86 CPU kernels (float32 in, float32 out).
+class PackedLinear(nn.Module):
+    """An `nn.Linear` whose weight is packed once for one CPU library's kernel (float32 in, float32 out).
 
-    The packed weight is an opaque object, not a tensor: `packed_bytes` says how much memory it holds, for the
-    benchmark's byte counts.
+    `onednn`: the float32 weight reordered into oneDNN's blocked layout, the one torch.compile's freezing pass uses
+    on CPUs. Same numbers, same bytes, but its matrix-vector kernel uses every core where torch's default (MKL) one
+    does not. `fp16` and `int8-dynamic`: fbgemm's kernels (see the module docstring).
+    The packed weight is an opaque object, not a tensor: `packed_bytes` says how much memory it holds.
     """
 
-    def __init__(self, linear: nn.Linear, kind: FbgemmKind) -> None:
+    def __init__(self, linear: nn.Linear, kind: PackedKind) -> None:
         super().__init__()
         self.kind = kind
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float().cpu()
         bias = linear.bias.detach().float().cpu() if linear.bias is not None else None
-        if kind == "fp16":
+        self.bias = bias
+        if kind == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # 1: tuned for one row at a time
+            self.packed_bytes = 4 * weight.numel()
+        elif kind == "fp16":
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
             self.packed_bytes = 2 * weight.numel()
         else:
@@ -142,6 +151,8 @@ class FbgemmLinear(nn.Module):
         self.packed_bytes += 4 * bias.numel() if bias is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         x2 = x.reshape(-1, self.in_features)
         if self.kind == "fp16":
             y = torch.ops.quantized.linear_dynamic_fp16(x2, self.packed)
@@ -154,13 +165,13 @@ class FbgemmLinear(nn.Module):
 
 
 @torch.no_grad()
-def quantize_fbgemm(model: ModuleT, kind: FbgemmKind) -> ModuleT:
-    """Replace every `nn.Linear` (lm_head included) by an `FbgemmLinear` of `kind`; float32 CPU models only."""
+def pack_for_cpu(model: ModuleT, kind: PackedKind) -> ModuleT:
+    """Replace every `nn.Linear` (lm_head included) by a `PackedLinear` of `kind`; float32 CPU models only."""
     param = next(model.parameters())
-    if not fbgemm_available() or param.device.type != "cpu" or param.dtype != torch.float32:
-        raise ValueError(f"fbgemm {kind} layers need a float32 model on an x86 CPU with fbgemm")
+    if not packed_kind_available(kind) or param.device.type != "cpu" or param.dtype != torch.float32:
+        raise ValueError(f"{kind} layers need a float32 model on a CPU whose torch has that library")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, FbgemmLinear(child, kind))
+                setattr(parent, name, PackedLinear(child, kind))
     return model

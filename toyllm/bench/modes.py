@@ -5,6 +5,7 @@
     kv+compile   the same, with the model wrapped in torch.compile
     bf16         the KV path with weights and activations in bfloat16
     int8         the KV path with weight-only int8 Linear layers (toyllm/quantize.py)
+    onednn       the KV path with float32 weights packed in oneDNN's layout (same numbers, faster kernel; CPU only)
     fp16w        the KV path with float16 weights read by fbgemm's x86 kernel, float32 activations (CPU only)
     int8-dyn     the KV path with fbgemm's int8 kernel: int8 weights, activations rounded to 8 bits (CPU only)
     speculative  the KV path plus a draft model (default: the target's first quarter of layers)
@@ -30,9 +31,9 @@ from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, token_source
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
-from toyllm.quantize import FbgemmKind, FbgemmLinear, quantize_fbgemm, quantize_int8
+from toyllm.quantize import PackedKind, PackedLinear, pack_for_cpu, quantize_int8
 
-MODE_NAMES = ("naive", "kv", "kv+compile", "bf16", "int8", "fp16w", "int8-dyn", "speculative", "hf")
+MODE_NAMES = ("naive", "kv", "kv+compile", "onednn", "bf16", "int8", "fp16w", "int8-dyn", "speculative", "hf")
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
@@ -40,12 +41,12 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
 
     A decode step reads every weight except the embedding tables, from which it only gathers one row per token.
     GPT-2's tied lm_head makes the token embedding count as read: the output projection multiplies by all of it.
-    fbgemm layers hold opaque packed weights and say how many bytes those are in `packed_bytes`.
+    Packed layers hold opaque weights and say how many bytes those are in `packed_bytes`.
     """
     everything: dict[int, int] = {}
     streamed: dict[int, int] = {}
     for module in model.modules():
-        if isinstance(module, FbgemmLinear):
+        if isinstance(module, PackedLinear):
             everything[id(module)] = streamed[id(module)] = module.packed_bytes
         for t in chain(module.parameters(recurse=False), module.buffers(recurse=False)):
             key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
@@ -181,9 +182,9 @@ def _compiled(model: GPT2LMHeadModel, options: ModeOptions) -> GPT2LMHeadModel:
     return compiled  # behaves as the model (attributes are forwarded to it)
 
 
-def _fbgemm(model: GPT2LMHeadModel, kind: FbgemmKind) -> GPT2LMHeadModel:
+def _packed(model: GPT2LMHeadModel, kind: PackedKind) -> GPT2LMHeadModel:
     try:
-        return quantize_fbgemm(copy.deepcopy(model), kind)
+        return pack_for_cpu(copy.deepcopy(model), kind)
     except ValueError as exc:
         raise InvalidArgumentError(f"{exc} (use --device cpu --dtype float32)") from None
 
@@ -193,12 +194,14 @@ def _speculative(model: GPT2LMHeadModel, options: ModeOptions) -> Mode:
     return ToyllmMode("speculative", model, draft=draft)
 
 
-# Copies of the model with other number formats: the modes of the same name, and `toyllm bench accuracy`.
+# Copies of the model with other number formats or weight layouts: the modes of the same name, and
+# `toyllm bench accuracy`.
 VARIANTS: dict[str, Callable[[GPT2LMHeadModel], GPT2LMHeadModel]] = {
     "bf16": lambda m: copy.deepcopy(m).to(torch.bfloat16),
     "int8": lambda m: quantize_int8(copy.deepcopy(m)),
-    "fp16w": lambda m: _fbgemm(m, "fp16"),
-    "int8-dyn": lambda m: _fbgemm(m, "int8-dynamic"),
+    "onednn": lambda m: _packed(m, "onednn"),
+    "fp16w": lambda m: _packed(m, "fp16"),
+    "int8-dyn": lambda m: _packed(m, "int8-dynamic"),
 }
 
 

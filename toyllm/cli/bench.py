@@ -109,7 +109,7 @@ def bench(
         str,
         typer.Option(
             "--modes",
-            help="Comma-separated: naive, kv, kv+compile, bf16, int8, fp16w, int8-dyn, speculative, hf.",
+            help="Comma-separated: naive, kv, kv+compile, onednn, bf16, int8, fp16w, int8-dyn, speculative, hf.",
         ),
     ] = "naive,kv,hf",
     model: Model = DEFAULT_MODEL,
