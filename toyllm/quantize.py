@@ -16,8 +16,10 @@ GPT-2 ties its output projection to the token embedding. The embedding is only g
 stays in float; `lm_head` gets an int8 copy of the same matrix, which is the largest single matrix read per token.
 
 Whether fewer bytes mean more speed depends on a kernel that reads them directly. torch's `_weight_int8pack_mm` has
-one for AVX-512 CPUs and GPUs; on AVX2-only CPUs it falls back to slow code. There, `pack_for_cpu` swaps in fbgemm's
-x86 kernels instead (the ones behind torch's dynamic quantization), to show what compact weights buy: `"fp16"` keeps
+one for AVX-512 CPUs and GPUs; on AVX2-only CPUs it falls back to slow code. There, once `toyllm.kernels.load()`
+has built toyllm's own AVX2 kernel, `Int8Linear` decodes through it instead (it widens int8 to float32 in registers).
+For comparison, `pack_for_cpu` swaps in fbgemm's x86
+kernels (the ones behind torch's dynamic quantization), to show what compact weights buy: `"fp16"` keeps
 float16 weights and float32 activations (weight-only, 2 bytes per weight), and `"int8-dynamic"` uses the same int8
 weights and scales but also rounds each input row to 8 bits on the fly (W8A8: not weight-only, so it costs more
 accuracy, which `toyllm bench accuracy` measures). `"onednn"` changes no number at all: it stores the float32 weight
@@ -32,6 +34,8 @@ from typing import Literal, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from toyllm import kernels
 
 # torch's fused int8-weight matmul (reads int8, multiplies by the scale inside the kernel). Fast where torch has an
 # optimised kernel for the CPU (AVX-512) or GPU; on AVX2-only CPUs it can be slower than float32, which the
@@ -50,6 +54,8 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = (x @ q.T) * scale + bias, for x (..., K), q int8 (N, K), scale (N,) in x's dtype."""
+    if kernels.usable(x, q):  # toyllm's AVX2 kernel, once loaded (toyllm.kernels.load): reads the int8 bytes only
+        return kernels.gemv(x, q, bias, scale)
     if HAS_INT8_MM and x.device.type == "cpu":
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), q, scale)
         y = y.view(*x.shape[:-1], q.shape[0])

@@ -2,12 +2,15 @@
 
     naive        no cache: every step recomputes the whole sequence (the readable reference)
     kv           the preallocated KV cache (toyllm/kv_cache.py)
-    kv+compile   the same, with the model wrapped in torch.compile
+    kv+compile   the same, with the model wrapped in torch.compile (also bf16+compile, gemv-int8+compile, ...)
     bf16         the KV path with weights and activations in bfloat16
     int8         the KV path with weight-only int8 Linear layers (toyllm/quantize.py)
     onednn       the KV path with float32 weights packed in oneDNN's layout (same numbers, faster kernel; CPU only)
     fp16w        the KV path with float16 weights read by fbgemm's x86 kernel, float32 activations (CPU only)
     int8-dyn     the KV path with fbgemm's int8 kernel: int8 weights, activations rounded to 8 bits (CPU only)
+    gemv         the KV path with toyllm's own AVX2 matrix-vector kernel, float32 weights (toyllm/kernels; CPU only)
+    gemv-bf16    bf16 with the same kernel reading bfloat16 weights (float32 accumulation; CPU only)
+    gemv-int8    int8 with the same kernel reading the int8 weights (weight-only; CPU only)
     speculative  the KV path plus a draft model (default: the target's first quarter of layers)
     hf           transformers' GPT2LMHeadModel.generate, greedy, with the same weights and dtype
 
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from toyllm import kernels
 from toyllm.bench.runner import Mode, OnTokens
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, token_source
@@ -33,7 +37,25 @@ from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
 from toyllm.quantize import PackedKind, PackedLinear, pack_for_cpu, quantize_int8
 
-MODE_NAMES = ("naive", "kv", "kv+compile", "onednn", "bf16", "int8", "fp16w", "int8-dyn", "speculative", "hf")
+MODE_NAMES = (
+    "naive",
+    "kv",
+    "kv+compile",
+    "onednn",
+    "bf16",
+    "int8",
+    "fp16w",
+    "int8-dyn",
+    "gemv",
+    "gemv-bf16",
+    "gemv-int8",
+    "speculative",
+    "hf",
+)
+# Modes that also come wrapped in torch.compile, as "<mode>+compile". The kernel's modes compile with it as one
+# opaque operator (it is registered with torch.library), so compiling removes the Python and small-op overhead
+# around it.
+COMPILABLE = ("bf16", "int8", "gemv", "gemv-bf16", "gemv-int8")
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
@@ -189,6 +211,17 @@ def _packed(model: GPT2LMHeadModel, kind: PackedKind) -> GPT2LMHeadModel:
         raise InvalidArgumentError(f"{exc} (use --device cpu --dtype float32)") from None
 
 
+def _with_kernels(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """`model` (a copy) decoding through toyllm's CPU kernel; a clear error where the kernel cannot be had."""
+    if next(model.parameters()).device.type != "cpu":
+        raise InvalidArgumentError("the gemv modes are CPU kernels (use --device cpu)")
+    if kernels.load(verbose=True) is None:
+        raise InvalidArgumentError(
+            f"the gemv modes need toyllm's CPU kernel, which is unavailable: {kernels.unavailable_reason()}"
+        )
+    return kernels.use_cpu_kernels(model)  # int8 layers pick the loaded kernel up by themselves
+
+
 def _speculative(model: GPT2LMHeadModel, options: ModeOptions) -> Mode:
     draft = options.draft if options.draft is not None else model.first_layers(max(1, model.config.n_layer // 4))
     return ToyllmMode("speculative", model, draft=draft)
@@ -202,6 +235,9 @@ VARIANTS: dict[str, Callable[[GPT2LMHeadModel], GPT2LMHeadModel]] = {
     "onednn": lambda m: _packed(m, "onednn"),
     "fp16w": lambda m: _packed(m, "fp16"),
     "int8-dyn": lambda m: _packed(m, "int8-dynamic"),
+    "gemv": lambda m: _with_kernels(copy.deepcopy(m)),
+    "gemv-bf16": lambda m: _with_kernels(copy.deepcopy(m).to(torch.bfloat16)),
+    "gemv-int8": lambda m: _with_kernels(quantize_int8(copy.deepcopy(m))),
 }
 
 
@@ -214,6 +250,10 @@ BUILDERS: dict[str, Callable[[GPT2LMHeadModel, ModeOptions], Mode]] = {
     "kv": lambda m, o: ToyllmMode("kv", m),
     "kv+compile": lambda m, o: ToyllmMode("kv+compile", _compiled(m, o)),
     **{name: _variant(name) for name in VARIANTS},
+    **{
+        f"{name}+compile": (lambda n: lambda m, o: ToyllmMode(f"{n}+compile", _compiled(VARIANTS[n](m), o)))(name)
+        for name in COMPILABLE
+    },
     "speculative": _speculative,
     "hf": lambda m, o: HFMode(m),
 }
@@ -226,6 +266,7 @@ def parse_modes(text: str | Sequence[str]) -> list[str]:
     if unknown or not names:
         raise InvalidArgumentError(
             f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODE_NAMES)}"
+            f" (or {', '.join(COMPILABLE)} with +compile)"
         )
     return list(dict.fromkeys(names))
 

@@ -109,7 +109,8 @@ def bench(
         str,
         typer.Option(
             "--modes",
-            help="Comma-separated: naive, kv, kv+compile, onednn, bf16, int8, fp16w, int8-dyn, speculative, hf.",
+            help="Comma-separated: naive, kv, kv+compile, onednn, bf16, int8, fp16w, int8-dyn, gemv, gemv-bf16,"
+            " gemv-int8, speculative, hf; bf16, int8 and the gemv modes also as <mode>+compile.",
         ),
     ] = "naive,kv,hf",
     model: Model = DEFAULT_MODEL,
@@ -337,7 +338,7 @@ def accuracy(
         ),
     ] = None,
     variants: Annotated[
-        str, typer.Option("--variants", help="Comma-separated: bf16, int8, fp16w, int8-dyn.")
+        str, typer.Option("--variants", help="Comma-separated: bf16, int8, fp16w, int8-dyn, gemv-bf16, gemv-int8.")
     ] = "bf16,int8,fp16w,int8-dyn",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens of the text to score.")] = 16384,
     window: Annotated[int, typer.Option("--window", help="Tokens per scored window.")] = 256,

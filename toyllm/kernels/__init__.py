@@ -1,0 +1,155 @@
+"""toyllm's own CPU matrix-vector kernel (gemv.cpp), compiled on first use, and the Linear layer that calls it.
+
+Why a hand-written kernel: a decode step is one matrix-vector product per weight matrix, bound by how fast the
+weights stream from memory. On AVX2 CPUs torch's 1-row product (MKL) uses one core and about half the machine's
+read bandwidth, its bfloat16 path has no native arithmetic to use, and its int8-weight kernel is scalar code. gemv.cpp
+spreads the rows over every thread, widens bfloat16 or int8 weights to float32 in registers, and reads each weight
+once for up to 4 activation rows at a time (speculative verification scores K+1 rows). docs/decoding_performance.md
+has the measurements.
+
+The kernel is built with torch's C++ extension tooling the first time it is asked for (about a minute with two cores;
+it needs a C++ compiler), then loaded from torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
+~/.cache/torch_extensions) in a fraction of a second. Where it cannot be built (no compiler, not x86 with AVX2, or
+`TOYLLM_KERNELS=0`), `load()` returns None, says why in `unavailable_reason()`, and every caller falls back to torch.
+Only inference uses it: it has no backward, so tensors that need gradients always take torch's path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows of x up to which the kernel beats torch's GEMM here: decode (1 row per sequence), speculative verification
+# (K+1 rows) and small batches. Prefill is compute-bound and goes to MKL/oneDNN.
+MAX_ROWS = 16
+
+_SOURCE = Path(__file__).with_name("gemv.cpp")
+_state: dict[str, Any] = {}
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def _why_not_supported() -> str | None:
+    if os.environ.get("TOYLLM_KERNELS", "1") == "0":
+        return "disabled by TOYLLM_KERNELS=0"
+    capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ...
+    if not capability.startswith("AVX"):
+        return f"this CPU has no AVX2 (torch reports {capability})"
+    if sys.platform != "linux":
+        return "the kernel is only built on Linux"
+    return None
+
+
+def load(verbose: bool = False) -> Any | None:
+    """The compiled extension module (building it on first use), or None where it cannot be had."""
+    if "module" not in _state:
+        _state["reason"] = _why_not_supported()
+        _state["module"] = None
+        if _state["reason"] is None:
+            try:
+                from torch.utils.cpp_extension import load as load_extension
+
+                if verbose:
+                    print("toyllm: compiling the CPU kernel once (about a minute)...", file=sys.stderr)
+                _state["module"] = load_extension(
+                    name="toyllm_gemv",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],  # the same libgomp.so.1 torch already loaded: one thread pool
+                    verbose=False,
+                )
+                _register_fake()
+            except Exception as exc:  # no compiler, no ninja, a compile error: fall back to torch, say why
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                _state["reason"] = f"building gemv.cpp failed: {first_line[:200]}"
+    return _state["module"]
+
+
+def _register_fake() -> None:
+    """The shape rule torch.compile needs to trace through the operator without running it."""
+
+    @torch.library.register_fake("toyllm::gemv")
+    def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def unavailable_reason() -> str | None:
+    """Why `load()` returned None (None if it has not been called or succeeded)."""
+    return _state.get("reason")
+
+
+def is_loaded() -> bool:
+    return _state.get("module") is not None
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` applies: a loaded kernel, CPU tensors, few rows, and no gradient to track."""
+    return (
+        is_loaded()
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
+    )
+
+
+_EMPTY = torch.empty(0)
+
+
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ weight.T * scale + bias in x's dtype, for x (..., K) and weight (N, K); call only when `usable`.
+
+    Accumulates in float32 whatever the storage dtypes, like torch's own bfloat16 CPU matmul.
+    """
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K)
+    s = scale.float().contiguous() if scale is not None else _EMPTY
+    b = bias.float().contiguous() if bias is not None else _EMPTY
+    y = torch.ops.toyllm.gemv(x2, weight.contiguous(), s, b)  # (M, N) float32
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+class GemvLinear(nn.Linear):
+    """An `nn.Linear` (same parameters, same state dict) that decodes through the kernel when it applies.
+
+    Training, prefill and non-CPU devices go through `F.linear` as before; the two paths agree to float32 rounding
+    (a different summation order).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if usable(x, self.weight):
+            return gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> GemvLinear:
+        """Shares `linear`'s Parameter objects, so tied weights (GPT-2's lm_head and wte) stay tied."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+
+@torch.no_grad()
+def use_cpu_kernels(model: ModuleT, verbose: bool = False) -> ModuleT:
+    """Route every `nn.Linear` of `model` (in place) through the kernel; int8 layers use it on their own.
+
+    Returns the model. Builds the kernel if needed; where it cannot be had, the model is left as it was and
+    `unavailable_reason()` says why, so callers can report it rather than silently measure something else.
+    """
+    if load(verbose=verbose) is None:
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, GemvLinear.from_linear(child))
+    return model
