@@ -200,6 +200,12 @@ class ModeOptions:
 
 
 def _compiled(model: GPT2LMHeadModel, options: ModeOptions) -> GPT2LMHeadModel:
+    # Every compiled model in one process shares `forward`'s budget of recompilations (8 by default); each needs a
+    # few (first call, then the cache length turns dynamic), so a run comparing several compiled modes would hit
+    # the limit and silently measure eager code.
+    limit = 16 * (1 + len(getattr(_compiled, "seen", ())))
+    _compiled.seen = (*getattr(_compiled, "seen", ()), id(model))  # type: ignore[attr-defined]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     compiled: Any = torch.compile(model, mode=options.compile_mode)
     return compiled  # behaves as the model (attributes are forwarded to it)
 

@@ -39,8 +39,8 @@ def build_attention_mask(
     """
     S = past + T
     if key_padding is None:
-        if past == 0:
-            return None, T > 1
+        if past == 0:  # (a branch rather than `T > 1`: torch.compile may trace T as a symbol, SDPA wants a bool)
+            return (None, True) if T > 1 else (None, False)
         if T == 1:
             return None, False  # one query at the end may see every key
         causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, S)
