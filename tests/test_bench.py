@@ -32,7 +32,21 @@ from toyllm.quantize import quantize_int8
 
 TINY = "random:gpt2-tiny"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ALL_MODES = ("naive", "kv", "onednn", "bf16", "int8", "fp16w", "int8-dyn", "speculative", "hf")
+ALL_MODES = (
+    "naive",
+    "kv",
+    "onednn",
+    "bf16",
+    "int8",
+    "fp16w",
+    "int8-dyn",
+    "gemv",
+    "gemv-bf16",
+    "gemv-int8",
+    "gemv-int8+compile",
+    "speculative",
+    "hf",
+)
 METRICS = (
     "ttft_ms_min",
     "ttft_ms_median",
@@ -84,14 +98,21 @@ def test_every_mode_reports_every_metric(run_payload: dict) -> None:
     assert rows["naive"]["kv_cache_bytes"] == 0 < rows["kv"]["kv_cache_bytes"]
     assert rows["bf16"]["kv_cache_bytes"] == rows["kv"]["kv_cache_bytes"] // 2
     assert rows["kv"]["peak_alloc_bytes"] >= rows["kv"]["kv_cache_bytes"]  # the cache is allocated during the run
-    for mode, ratio in (("int8", 4), ("int8-dyn", 4), ("fp16w", 2), ("bf16", 2)):  # bytes per weight: 4 / ratio
+    for mode, ratio in (
+        ("int8", 4),
+        ("int8-dyn", 4),
+        ("fp16w", 2),
+        ("bf16", 2),
+        ("gemv-bf16", 2),
+        ("gemv-int8", 4),
+    ):  # bytes per weight: 4 / ratio
         assert rows[mode]["streamed_bytes"] < 1.1 * rows["kv"]["streamed_bytes"] / ratio, mode
     assert run_payload["bandwidth_bytes_per_s"] > 0
 
 
 def test_greedy_modes_with_float32_weights_produce_the_same_tokens(run_payload: dict) -> None:
     rows = {r["mode"]: r for r in run_payload["results"]}
-    for mode in ("naive", "kv", "onednn", "speculative", "hf"):  # same weights and dtype: same argmax every step
+    for mode in ("naive", "kv", "onednn", "gemv", "speculative", "hf"):  # same weights and dtype: same argmax
         assert rows[mode]["tokens_match"] == 1.0, mode
 
 

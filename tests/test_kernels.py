@@ -1,0 +1,164 @@
+"""toyllm's CPU kernel (toyllm/kernels): the numbers of F.linear for every weight format, row count and shape it
+accepts, the same model behaviour with and without it, and torch's path wherever it does not apply."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toyllm import kernels
+from toyllm.bench.modes import build_modes
+from toyllm.errors import InvalidArgumentError
+from toyllm.generation import GenerationConfig, generate
+from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
+from toyllm.kv_cache import KVCache
+from toyllm.quantize import quantize_int8, quantize_weight
+
+# Skipped only where the kernel is not meant to exist; on a supported machine a failed build fails the tests.
+pytestmark = pytest.mark.skipif(
+    kernels._why_not_supported() is not None, reason=f"no CPU kernel here: {kernels._why_not_supported()}"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert kernels.load() is not None, kernels.unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).eval()
+
+
+def _weights(kind: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(stored weight, scale, the float32 matrix it stands for)."""
+    w = torch.randn(n, k)
+    if kind == "int8":
+        q, scale = quantize_weight(w)
+        return q, scale, q.float() * scale[:, None]
+    if kind == "bfloat16":
+        return w.bfloat16(), None, w.bfloat16().float()
+    return w, None, w
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("k", [8, 40, 768])  # 40: not a multiple of the 32-wide unrolled loop, so the tail runs
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16])  # groups of 4 rows, and the leftovers
+def test_gemv_equals_f_linear(kind: str, k: int, rows: int) -> None:
+    torch.manual_seed(rows * 1000 + k)
+    n = 37  # not a multiple of the 16-row grain of the thread split
+    weight, scale, reference_weight = _weights(kind, n, k)
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    assert kernels.usable(x, weight)
+    got = kernels.gemv(x, weight, bias, scale)
+    torch.testing.assert_close(got, F.linear(x, reference_weight, bias), rtol=1e-5, atol=1e-5 * k**0.5)
+    no_bias = kernels.gemv(x, weight, None, scale)
+    torch.testing.assert_close(no_bias, F.linear(x, reference_weight), rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+def test_gemv_keeps_leading_dims_and_the_input_dtype() -> None:
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)  # (B, T, K)
+    weight = torch.randn(24, 64, dtype=torch.bfloat16)
+    y = kernels.gemv(x, weight)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.linear(x.float(), weight.float()), rtol=1e-2, atol=1e-2)
+
+
+def test_usable_only_for_few_rows_on_cpu_without_gradients() -> None:
+    w = torch.randn(8, 16)
+    assert kernels.usable(torch.randn(kernels.MAX_ROWS, 16), w)
+    assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 16), w)  # prefill: torch's GEMM
+    assert not kernels.usable(torch.randn(1, 16, dtype=torch.float64), w.double())
+    with torch.enable_grad():
+        assert not kernels.usable(torch.randn(1, 16, requires_grad=True), w)  # no backward in the kernel
+    with torch.no_grad():
+        assert kernels.usable(torch.randn(1, 16), w.requires_grad_())
+
+
+def test_use_cpu_kernels_keeps_weights_ties_and_outputs(model: GPT2LMHeadModel) -> None:
+    fast = kernels.use_cpu_kernels(copy.deepcopy(model))
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, kernels.GemvLinear) for m in linears)
+    assert fast.lm_head.weight is fast.transformer.wte.weight  # still one tied matrix
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), model(ids))  # 12 rows: the kernel's path for every linear
+        cache = KVCache.for_model(fast, 1, 40)
+        fast(ids, cache=cache)
+        step = fast(ids[:, :1], cache=cache)  # one row
+        torch.testing.assert_close(step[0, -1], model(torch.cat([ids, ids[:, :1]], 1))[0, -1], rtol=1e-5, atol=1e-5)
+    config = GenerationConfig(max_new_tokens=30, temperature=0.0, eos_token_id=None)
+    assert torch.equal(generate(fast, ids, config), generate(model, ids, config))
+
+
+def test_training_through_gemv_linear_uses_torch_and_has_gradients(model: GPT2LMHeadModel) -> None:
+    fast = kernels.use_cpu_kernels(copy.deepcopy(model)).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    loss = fast(ids, labels=ids).loss
+    loss.backward()
+    grad = fast.lm_head.weight.grad  # the tied matrix: gradients from both ends, through F.linear
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_int8_layers_decode_through_the_kernel_with_torchs_numbers(
+    model: GPT2LMHeadModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    int8 = quantize_int8(copy.deepcopy(model))
+    ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    calls: list[torch.dtype] = []
+    real_gemv = kernels.gemv
+
+    def spy(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+        calls.append(w.dtype)
+        return real_gemv(x, w, *rest)
+
+    monkeypatch.setattr(kernels, "gemv", spy)
+    with torch.no_grad():
+        with_kernel = int8(ids)
+        assert calls and set(calls) == {torch.int8}
+        monkeypatch.setattr(kernels, "usable", lambda x, w: False)
+        torch.testing.assert_close(with_kernel, int8(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiles_as_one_graph_with_the_operator(model: GPT2LMHeadModel) -> None:
+    fast = kernels.use_cpu_kernels(quantize_int8(copy.deepcopy(model)))
+    compiled = torch.compile(fast, fullgraph=True)  # fullgraph: a graph break would be an error
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), fast(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_disabled_by_environment_falls_back_and_says_why() -> None:
+    code = (
+        "from toyllm import kernels; import torch; "
+        "assert kernels.load() is None; print(kernels.unavailable_reason()); "
+        "m = torch.nn.Linear(4, 3); assert kernels.use_cpu_kernels(m) is m and type(m) is torch.nn.Linear"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**_env(), "TOYLLM_KERNELS": "0"}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "TOYLLM_KERNELS=0" in out.stdout
+
+
+def test_bench_gemv_modes_refuse_clearly_without_the_kernel(
+    model: GPT2LMHeadModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernels, "load", lambda verbose=False: None)
+    monkeypatch.setitem(kernels._state, "reason", "no C++ compiler")
+    with pytest.raises(InvalidArgumentError, match=r"unavailable: no C\+\+ compiler"):
+        build_modes(["gemv"], model)
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
