@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 
+from toyllm import kernels as toyllm_kernels
 from toyllm.bench.machine import describe_machine
 from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.speculative import SpeculativeStats, check_draft, speculative_stream
+from toyllm.tokenizer import load_tokenizer
 
 CASES = ("draft", "same", "self")
 
@@ -125,6 +127,8 @@ def run_speculative_bench(
     device: str = "cpu",
     dtype: str | None = None,
     threads: int | None = None,
+    kernels: bool = False,
+    prompt_file: str | Path | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -132,8 +136,10 @@ def run_speculative_bench(
 
     target, draft: model names as `toyllm generate` takes them (Hub id, local directory, `random:<preset>`).
     cases: any of `draft`, `same`, `self`. self_layers: layers of the self-speculative draft (default n_layer // 4).
-    The prompt is `prompt_tokens` random token ids (seeded); EOS is ignored, so every run makes `max_new_tokens`.
-    threads: torch CPU threads (None leaves torch's default).
+    The prompt is `prompt_tokens` random token ids (seeded), or the last `prompt_tokens` tokens of `prompt_file`
+    (trained models agree far more often on real text). EOS is ignored, so every run makes `max_new_tokens`.
+    threads: torch CPU threads (None leaves torch's default). kernels: decode both models through toyllm's CPU
+    kernel, which reads each weight once for all K + 1 verified rows (toyllm/kernels).
     Returns {"machine": ..., "settings": ..., "plain": {...}, "rows": [one dict per (case, K)]}.
     """
     unknown = set(cases) - set(CASES)
@@ -157,8 +163,19 @@ def run_speculative_bench(
         n = self_layers if self_layers is not None else max(1, target_model.config.n_layer // 4)
         drafts["self"], names["self"] = target_model.first_layers(n), f"{target} first {n} layers"
 
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, target_model.config.vocab_size, (1, prompt_tokens), generator=generator).to(dev)
+    if kernels:
+        if toyllm_kernels.load(verbose=True) is None:
+            raise InvalidArgumentError(f"--kernels: {toyllm_kernels.unavailable_reason()}")
+        for model in [target_model, *drafts.values()]:  # a self draft's layers are the target's: swapped once
+            toyllm_kernels.use_cpu_kernels(model)
+
+    if prompt_file is not None:
+        text = _read_prompt_file(prompt_file)
+        token_ids = load_tokenizer(target).encode(text)[-prompt_tokens:]
+        ids = torch.tensor([token_ids], dtype=torch.long, device=dev)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, target_model.config.vocab_size, (1, prompt_tokens), generator=generator).to(dev)
 
     def config(lookahead: int = 4) -> GenerationConfig:
         """Plain sampling without top-k, EOS ignored, so that every run makes exactly max_new_tokens."""
@@ -199,6 +216,8 @@ def run_speculative_bench(
             "temperature": temperature,
             "seed": seed,
             "dtype": str(next(target_model.parameters()).dtype),
+            "kernels": kernels,
+            "prompt": str(prompt_file) if prompt_file is not None else "random ids",
         },
         "plain": plain_runs,
         "rows": rows,
@@ -209,6 +228,13 @@ def run_speculative_bench(
         (folder / "speculative.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         plot_speedup(results, folder / "speculative_speedup.png")
     return results
+
+
+def _read_prompt_file(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"cannot read the prompt file {path}: {exc}") from None
 
 
 def plot_speedup(results: dict[str, Any], path: str | Path) -> None:

@@ -399,6 +399,13 @@ def speculative(
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = None,
     seed: Seed = 0,
     threads: Threads = None,
+    kernels: Annotated[
+        bool, typer.Option("--kernels", help="Decode both models through toyllm's CPU kernel (toyllm/kernels).")
+    ] = False,
+    prompt_file: Annotated[
+        Path | None,
+        typer.Option("--prompt-file", help="Take the prompt from the end of this text file (default: random ids)."),
+    ] = None,
     out: Out = DEFAULT_OUT,
 ) -> None:
     """Speculative decoding against plain KV decoding of the same target: tokens/s, acceptance, speedup vs theory."""
@@ -422,6 +429,8 @@ def speculative(
         device=device,
         dtype=dtype,
         threads=threads,
+        kernels=kernels,
+        prompt_file=prompt_file,
         out_dir=out,
         progress=lambda message: err_console.print(message),
     )

@@ -4,7 +4,7 @@ Why a hand-written kernel: a decode step is one matrix-vector product per weight
 weights stream from memory. On AVX2 CPUs torch's 1-row product (MKL) uses one core and about half the machine's
 read bandwidth, its bfloat16 path has no native arithmetic to use, and its int8-weight kernel is scalar code. gemv.cpp
 spreads the rows over every thread, widens bfloat16 or int8 weights to float32 in registers, and reads each weight
-once for up to 4 activation rows at a time (speculative verification scores K+1 rows). docs/decoding_performance.md
+once for up to 8 activation rows at a time (speculative verification scores K+1 rows). docs/decoding_performance.md
 has the measurements.
 
 The kernel is built with torch's C++ extension tooling the first time it is asked for (about a minute with two cores;

@@ -6,7 +6,7 @@
 // core and reads about 10 GB/s, half of what the two cores can read together. This kernel does three things:
 //
 //   1. splits the output rows across all of torch's threads (at::parallel_for), so every core streams weights;
-//   2. reads each weight row once for up to ROWS rows of x (speculative verification and small batches multiply
+//   2. reads each weight row once for up to 8 rows of x (speculative verification and small batches multiply
 //      K+1 or B rows; MKL's small-M path costs about one full pass per row here);
 //   3. reads weights stored as float32, bfloat16 or int8 and widens them to float32 in registers, so compact
 //      weights really mean fewer bytes read. Accumulation is float32 in every case.
@@ -48,7 +48,7 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// One output row n against R rows of x (R <= 4). U independent accumulators per x row hide the FMA latency:
+// One output row n against R rows of x (R <= 8). U independent accumulators per x row hide the FMA latency:
 // with one accumulator every FMA would wait for the previous one (4 cycles), capping a core at 2 weights per cycle.
 template <typename W, int R, int U>
 inline void dot_rows(const W* w, const float* x, int64_t K, float* out) {
@@ -76,17 +76,21 @@ void gemv_kernel(const W* w, const float* x, const float* scale, const float* bi
     // Each thread takes a contiguous block of output rows: it streams its part of W exactly once.
     // Grain: at least 16 rows per task, so a thread's work outweighs waking it.
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-        float out[4];
+        float out[8];
         for (int64_t n = begin; n < end; ++n) {
             const W* wrow = w + n * K;
-            for (int64_t m = 0; m < M; m += 4) {  // x rows in groups of 4; the weight row stays in L1 between groups
-                const int64_t r = std::min<int64_t>(4, M - m);
+            for (int64_t m = 0; m < M; m += 8) {  // x rows in groups of 8; the weight row stays in L1 between groups
+                const int64_t r = std::min<int64_t>(8, M - m);
                 const float* xs = x + m * K;
-                switch (r) {
+                switch (r) {  // R x U accumulators: at most 8 of AVX2's 16 registers
                     case 1: dot_rows<W, 1, 4>(wrow, xs, K, out); break;
                     case 2: dot_rows<W, 2, 2>(wrow, xs, K, out); break;
                     case 3: dot_rows<W, 3, 2>(wrow, xs, K, out); break;
-                    default: dot_rows<W, 4, 2>(wrow, xs, K, out); break;
+                    case 4: dot_rows<W, 4, 2>(wrow, xs, K, out); break;
+                    case 5: dot_rows<W, 5, 1>(wrow, xs, K, out); break;
+                    case 6: dot_rows<W, 6, 1>(wrow, xs, K, out); break;
+                    case 7: dot_rows<W, 7, 1>(wrow, xs, K, out); break;
+                    default: dot_rows<W, 8, 1>(wrow, xs, K, out); break;
                 }
                 const float sc = scale ? scale[n] : 1.0f;
                 const float b = bias ? bias[n] : 0.0f;
