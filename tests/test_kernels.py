@@ -162,3 +162,14 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_generate_cli_with_the_kernel_writes_the_same_greedy_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from toyllm.cli.main import run_app
+
+    args = ["generate", "Hello there", "--model", "random:gpt2-tiny", "-n", "12", "--temperature", "0", "--seed", "1"]
+    outputs = []
+    for extra in ([], ["--cpu-kernel"], ["--cpu-kernel", "--draft-layers", "1"]):
+        assert run_app([*args, *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2] and outputs[0].startswith("Hello there")

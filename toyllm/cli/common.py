@@ -121,6 +121,20 @@ def format_stats(stats: GenerationStats) -> list[str]:
     return lines
 
 
+def use_cpu_kernel(*models: torch.nn.Module | None) -> None:
+    """`--cpu-kernel`: route the models' linear layers through toyllm.kernels, or fail with the reason."""
+    from toyllm import kernels
+
+    for model in models:
+        if model is not None and next(model.parameters()).device.type != "cpu":
+            raise InvalidArgumentError("--cpu-kernel is a CPU kernel; use --device cpu")
+    if kernels.load(verbose=True) is None:
+        raise InvalidArgumentError(f"--cpu-kernel: the kernel is unavailable: {kernels.unavailable_reason()}")
+    for model in models:
+        if model is not None:
+            kernels.use_cpu_kernels(model)
+
+
 def run_generate(
     prompt: str,
     config: GenerationConfig,
@@ -133,6 +147,7 @@ def run_generate(
     draft_layers: int | None = None,
     stream: bool = False,
     out: TextIO | None = None,
+    cpu_kernel: bool = False,
 ) -> GenerationStats:
     """The whole of `toyllm generate`: check, load, generate, print the prompt and completion, report the stats.
 
@@ -145,6 +160,8 @@ def run_generate(
     lm = load_model(model, target_device, target_dtype, config.seed)
     tok = load_tokenizer_for(model, tokenizer)
     draft_model = load_draft(lm, draft, draft_layers, target_device, target_dtype)
+    if cpu_kernel:
+        use_cpu_kernel(lm, draft_model)
     check_prompt_fits(tok, lm, prompt, config)
     config = dataclasses.replace(config, eos_token_id=tok.eos_token_id)  # this tokenizer's end of text
 

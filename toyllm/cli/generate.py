@@ -144,6 +144,14 @@ def generate(
             rich_help_panel=SPECULATIVE,
         ),
     ] = "constant",
+    cpu_kernel: Annotated[
+        bool,
+        typer.Option(
+            "--cpu-kernel",
+            help="Decode through toyllm's AVX2 matrix-vector kernel (compiled on first use; CPU only).",
+            rich_help_panel=MODEL,
+        ),
+    ] = False,
 ) -> None:
     from toyllm.cli.common import run_generate
     from toyllm.generation import GenerationConfig
@@ -173,6 +181,7 @@ def generate(
         draft=draft,
         draft_layers=draft_layers,
         stream=stream,
+        cpu_kernel=cpu_kernel,
     )
 
 

@@ -55,7 +55,7 @@ def load(verbose: bool = False) -> Any | None:
                 from torch.utils.cpp_extension import load as load_extension
 
                 if verbose:
-                    print("toyllm: compiling the CPU kernel once (about a minute)...", file=sys.stderr)
+                    print("toyllm: loading the CPU kernel (compiled on first use: about a minute)...", file=sys.stderr)
                 _state["module"] = load_extension(
                     name="toyllm_gemv",
                     sources=[str(_SOURCE)],
