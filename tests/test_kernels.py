@@ -4,8 +4,10 @@ accepts, the same model behaviour with and without it, and torch's path wherever
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, generate
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
-from toyllm.quantize import quantize_int8, quantize_weight
+from toyllm.quantize import Int8Linear, quantize_int8, quantize_weight
 
 # Skipped only where the kernel is not meant to exist; on a supported machine a failed build fails the tests.
 pytestmark = pytest.mark.skipif(
@@ -112,6 +114,9 @@ def test_int8_layers_decode_through_the_kernel_with_torchs_numbers(
 ) -> None:
     int8 = quantize_int8(copy.deepcopy(model))
     ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    with torch.no_grad():
+        torchs = int8(ids)  # not opted in: torch's kernel even though the extension is loaded
+    kernels.use_cpu_kernels(int8)
     calls: list[torch.dtype] = []
     real_gemv = kernels.gemv
 
@@ -122,14 +127,14 @@ def test_int8_layers_decode_through_the_kernel_with_torchs_numbers(
     monkeypatch.setattr(kernels, "gemv", spy)
     with torch.no_grad():
         with_kernel = int8(ids)
-        assert calls and set(calls) == {torch.int8}
-        monkeypatch.setattr(kernels, "usable", lambda x, w: False)
-        torch.testing.assert_close(with_kernel, int8(ids), rtol=1e-4, atol=1e-4)
+    assert calls and set(calls) == {torch.int8}
+    torch.testing.assert_close(with_kernel, torchs, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
 def test_compiles_as_one_graph_with_the_operator(model: GPT2LMHeadModel) -> None:
     fast = kernels.use_cpu_kernels(quantize_int8(copy.deepcopy(model)))
+    assert all(m.cpu_kernel for m in fast.modules() if isinstance(m, Int8Linear))
     compiled = torch.compile(fast, fullgraph=True)  # fullgraph: a graph break would be an error
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     with torch.no_grad():
@@ -173,3 +178,21 @@ def test_generate_cli_with_the_kernel_writes_the_same_greedy_text(capsys: pytest
         assert run_app([*args, *extra]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] == outputs[2] and outputs[0].startswith("Hello there")
+
+
+def test_bench_kernel_writes_json_and_plot(tmp_path: Path) -> None:
+    from toyllm.cli.main import run_app
+
+    args = ["bench", "kernel", "--model", "random:gpt2-tiny", "--rows", "3,1", "-r", "1", "--out", str(tmp_path)]
+    assert run_app(args) == 0
+    result = json.loads((tmp_path / "kernel.json").read_text())["result"]
+    assert [r["kernel"] for r in result["formats"]] == [
+        "torch float32",
+        "toyllm float32",
+        "toyllm bfloat16",
+        "toyllm int8",
+    ]
+    assert all(r["gb_per_s"] > 0 and r["ms_per_pass"] > 0 for r in result["formats"])
+    assert [r["rows"] for r in result["rows"]] == [3] and result["rows"][0]["toyllm_float32_vs_1_row"] > 0
+    assert (tmp_path / "kernel.png").read_bytes().startswith(b"\x89PNG")
+    assert run_app([*args[:-2], "--rows", "1,17"]) == 2  # outside the kernel's range: a clear error

@@ -17,7 +17,8 @@ stays in float; `lm_head` gets an int8 copy of the same matrix, which is the lar
 
 Whether fewer bytes mean more speed depends on a kernel that reads them directly. torch's `_weight_int8pack_mm` has
 one for AVX-512 CPUs and GPUs; on AVX2-only CPUs it falls back to slow code. There, once `toyllm.kernels.load()`
-has built toyllm's own AVX2 kernel, `Int8Linear` decodes through it instead (it widens int8 to float32 in registers).
+has built toyllm's own AVX2 kernel, `toyllm.kernels.use_cpu_kernels(model)` makes `Int8Linear` decode through it
+instead (it widens int8 to float32 in registers).
 For comparison, `pack_for_cpu` swaps in fbgemm's x86
 kernels (the ones behind torch's dynamic quantization), to show what compact weights buy: `"fp16"` keeps
 float16 weights and float32 activations (weight-only, 2 bytes per weight), and `"int8-dynamic"` uses the same int8
@@ -52,9 +53,14 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = (x @ q.T) * scale + bias, for x (..., K), q int8 (N, K), scale (N,) in x's dtype."""
-    if kernels.usable(x, q):  # toyllm's AVX2 kernel, once loaded (toyllm.kernels.load): reads the int8 bytes only
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, cpu_kernel: bool = False
+) -> torch.Tensor:
+    """y = (x @ q.T) * scale + bias, for x (..., K), q int8 (N, K), scale (N,) in x's dtype.
+
+    cpu_kernel: use toyllm's AVX2 kernel where it applies (it reads the int8 bytes only); see toyllm/kernels.
+    """
+    if cpu_kernel and kernels.usable(x, q):
         return kernels.gemv(x, q, bias, scale)
     if HAS_INT8_MM and x.device.type == "cpu":
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), q, scale)
@@ -78,6 +84,7 @@ class Int8Linear(nn.Module):
         # Kept in the activations' dtype, so `model.to(torch.bfloat16)` casts it along with everything else.
         self.register_buffer("scale", torch.ones(out_features, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.cpu_kernel = False  # set by toyllm.kernels.use_cpu_kernels
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -91,7 +98,7 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.scale, self.bias)
+        return int8_linear(x, self.weight, self.scale, self.bias, self.cpu_kernel)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight this layer computes with, (N, K): q * scale."""

@@ -225,7 +225,7 @@ def _with_kernels(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
         raise InvalidArgumentError(
             f"the gemv modes need toyllm's CPU kernel, which is unavailable: {kernels.unavailable_reason()}"
         )
-    return kernels.use_cpu_kernels(model)  # int8 layers pick the loaded kernel up by themselves
+    return kernels.use_cpu_kernels(model)
 
 
 def _speculative(model: GPT2LMHeadModel, options: ModeOptions) -> Mode:

@@ -384,6 +384,40 @@ def accuracy(
 
 
 @bench_app.command()
+def kernel(
+    model: Model = DEFAULT_MODEL,
+    rows: Annotated[str, typer.Option("--rows", help="Comma-separated activation row counts.")] = "1,2,3,5,8,9,16",
+    repeats: Repeats = 5,
+    threads: Threads = None,
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """toyllm's CPU kernel alone: GB/s for float32, bfloat16 and int8 weights vs torch, and the cost of more rows."""
+    import torch
+
+    from toyllm.bench.kernel import kernel_bench, plot_kernel
+    from toyllm.bench.machine import describe_machine
+    from toyllm.bench.report import simple_table, write_json
+    from toyllm.bench.suite import BenchSettings, load
+    from toyllm.errors import InvalidArgumentError
+
+    try:
+        counts = sorted({int(r) for r in rows.split(",") if r.strip()} | {1})
+    except ValueError:
+        raise InvalidArgumentError(f"--rows must be comma-separated integers, got '{rows}'") from None
+    if counts[0] < 1 or counts[-1] > 16:
+        raise InvalidArgumentError(f"--rows must be between 1 and 16 (the kernel's range), got '{rows}'")
+    loaded, _ = load(BenchSettings(model=model, prompt_len=1, device="cpu", dtype="float32", threads=threads))
+    result = kernel_bench(loaded, counts, repeats)
+    console.print(simple_table(result["formats"], f"{model}: one pass over every Linear weight, 1 row"))
+    console.print(simple_table(result["rows"], "float32, M rows vs 1 row"))
+    console.print(f"measured read bandwidth: {result['read_bandwidth_gb_s']:.1f} GB/s")
+    payload = {"kind": "kernel", "model": model, "machine": describe_machine(torch.device("cpu")), "result": result}
+    out.mkdir(parents=True, exist_ok=True)
+    plot_kernel(result, out / "kernel.png")
+    _print_written([write_json(out / "kernel.json", payload), out / "kernel.png"])
+
+
+@bench_app.command()
 def speculative(
     target: Annotated[str, typer.Option("--target", help="The model whose output is produced.")] = "random:gpt2-medium",
     draft: Annotated[str, typer.Option("--draft", help="The draft model of the `draft` case.")] = "random:gpt2",

@@ -141,15 +141,19 @@ class GemvLinear(nn.Linear):
 
 @torch.no_grad()
 def use_cpu_kernels(model: ModuleT, verbose: bool = False) -> ModuleT:
-    """Route every `nn.Linear` of `model` (in place) through the kernel; int8 layers use it on their own.
+    """Route every `nn.Linear` and `Int8Linear` of `model` (in place) through the kernel.
 
     Returns the model. Builds the kernel if needed; where it cannot be had, the model is left as it was and
     `unavailable_reason()` says why, so callers can report it rather than silently measure something else.
     """
+    from toyllm.quantize import Int8Linear  # (quantize imports this module)
+
     if load(verbose=verbose) is None:
         return model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, GemvLinear.from_linear(child))
+            elif isinstance(child, Int8Linear):
+                child.cpu_kernel = True
     return model

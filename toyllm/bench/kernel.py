@@ -1,0 +1,120 @@
+"""The matrix-vector kernel on its own: bytes per second against torch, and the cost of more rows.
+
+Two measurements, both on the weight matrices of a real model shape (every Linear of GPT-2 124M by default), read in
+the order a decode step reads them, so that the weights stream from memory as they do in a step (they are far
+larger than the CPU's caches):
+
+* `formats`: GB/s of weights read with one activation row, for torch's `F.linear` on float32 weights and for
+  toyllm's kernel on float32, bfloat16 and int8 weights, next to the read bandwidth measured in the same run.
+* `rows`: the time of M rows (M = 1..16) relative to one row, for both. A memory-bound product should cost about
+  the same for a few rows as for one: that is what makes speculative verification of K + 1 tokens cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from toyllm import kernels
+from toyllm.bench.machine import measure_read_bandwidth
+from toyllm.errors import InvalidArgumentError
+from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.quantize import quantize_weight
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_bench(
+    model: GPT2LMHeadModel, rows: Sequence[int] = (1, 2, 3, 5, 8, 9, 16), repeats: int = 5
+) -> dict[str, Any]:
+    """Time one pass over every Linear weight of `model` per format and per row count; see the module docstring."""
+    if kernels.load(verbose=True) is None:
+        raise InvalidArgumentError(f"the kernel is unavailable: {kernels.unavailable_reason()}")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    f32 = [m.weight.detach().float().contiguous() for m in linears]
+    formats: dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None], int]] = {
+        "float32": (f32, [None] * len(f32), 4),
+        "bfloat16": ([w.bfloat16() for w in f32], [None] * len(f32), 2),
+    }
+    quantized = [quantize_weight(w) for w in f32]
+    formats["int8"] = ([q for q, _ in quantized], [s for _, s in quantized], 1)
+    numel = sum(w.numel() for w in f32)
+    inputs = {m: {k: torch.randn(m, k) for k in {w.shape[1] for w in f32}} for m in rows}
+
+    def torch_pass(m: int) -> Callable[[], object]:
+        return lambda: [torch.nn.functional.linear(inputs[m][w.shape[1]], w) for w in f32]
+
+    def kernel_pass(name: str, m: int) -> Callable[[], object]:
+        weights, scales, _ = formats[name]
+        return lambda: [kernels.gemv(inputs[m][w.shape[1]], w, None, s) for w, s in zip(weights, scales, strict=True)]
+
+    bandwidth = measure_read_bandwidth("cpu")  # before the passes, with the same threads
+    with torch.inference_mode():
+        results: list[dict[str, Any]] = []
+        one_row = {"torch float32": _median_seconds(torch_pass(1), repeats)}
+        for name in formats:
+            one_row[f"toyllm {name}"] = _median_seconds(kernel_pass(name, 1), repeats)
+        for label, seconds in one_row.items():
+            nbytes = numel * formats[label.split()[1]][2]
+            results.append({"kernel": label, "ms_per_pass": 1e3 * seconds, "gb_per_s": nbytes / seconds / 1e9})
+        by_rows = []
+        for m in rows:
+            if m == 1:
+                continue
+            torch_s = _median_seconds(torch_pass(m), repeats)
+            ours_s = _median_seconds(kernel_pass("float32", m), repeats)
+            by_rows.append(
+                {
+                    "rows": m,
+                    "torch_float32_vs_1_row": torch_s / one_row["torch float32"],
+                    "toyllm_float32_vs_1_row": ours_s / one_row["toyllm float32"],
+                    "toyllm_vs_torch": ours_s / torch_s,
+                }
+            )
+    return {
+        "weights": numel,
+        "matrices": len(f32),
+        "threads": torch.get_num_threads(),
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "formats": results,
+        "rows": by_rows,
+    }
+
+
+def plot_kernel(result: dict[str, Any], path: Any) -> None:
+    """Left: GB/s per kernel against the measured bandwidth. Right: cost of M rows relative to one row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [r["kernel"] for r in result["formats"]]
+    left.bar(labels, [r["gb_per_s"] for r in result["formats"]], color=["#999999", "#1f77b4", "#2ca02c", "#d62728"])
+    left.axhline(result["read_bandwidth_gb_s"], color="black", linestyle="--", label="measured read bandwidth")
+    left.set_ylabel("weight bytes read per second (GB/s)")
+    left.set_title("one activation row (decode)")
+    left.legend()
+    left.tick_params(axis="x", labelrotation=15)
+    ms = [1] + [r["rows"] for r in result["rows"]]
+    right.plot(ms, [1] + [r["torch_float32_vs_1_row"] for r in result["rows"]], "o-", label="torch F.linear")
+    right.plot(ms, [1] + [r["toyllm_float32_vs_1_row"] for r in result["rows"]], "o-", label="toyllm kernel")
+    right.set_xlabel("rows M (speculative verification: K + 1)")
+    right.set_ylabel("time relative to one row")
+    right.set_title("float32, cost of more rows")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
