@@ -338,7 +338,7 @@ def accuracy(
         ),
     ] = None,
     variants: Annotated[
-        str, typer.Option("--variants", help="Comma-separated: bf16, int8, fp16w, int8-dyn, gemv-bf16, gemv-int8.")
+        str, typer.Option("--variants", help="Comma-separated: bf16, int8, fp16w, int8-dyn.")
     ] = "bf16,int8,fp16w,int8-dyn",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens of the text to score.")] = 16384,
     window: Annotated[int, typer.Option("--window", help="Tokens per scored window.")] = 256,
@@ -358,8 +358,11 @@ def accuracy(
     from toyllm.errors import InvalidArgumentError
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    if not names or any(v not in VARIANTS for v in names):
-        raise InvalidArgumentError(f"--variants must be among {', '.join(VARIANTS)}, got '{variants}'")
+    # The gemv variants are left out: they compute the same products as bf16 and int8, and only for up to 16 rows,
+    # so over these windows they would measure torch's path under another name.
+    allowed = [v for v in VARIANTS if not v.startswith("gemv")]
+    if not names or any(v not in allowed for v in names):
+        raise InvalidArgumentError(f"--variants must be among {', '.join(allowed)}, got '{variants}'")
     settings = BenchSettings(model=model, prompt_len=1, device=device, dtype="float32", seed=seed, threads=threads)
     reference, _ = load(settings)
     if text is not None:
