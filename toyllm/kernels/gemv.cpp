@@ -70,95 +70,32 @@ inline void dot_rows(const W* w, const float* x, int64_t K, float* out) {
     }
 }
 
-// Two output rows (n, n + 1) against R rows of x (R <= 4): each x vector loaded from L1 now feeds two FMAs. With
-// several activation rows the product is bound by arithmetic and loads rather than by memory, and this halves the
-// loads of x per multiply-add.
-template <typename W, int R>
-inline void dot2_rows(const W* w0, const W* w1, const float* x, int64_t K, float* out0, float* out1) {
-    __m256 a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        const __m256 v0 = load8(w0 + k), v1 = load8(w1 + k);
-        for (int r = 0; r < R; ++r) {
-            const __m256 xv = _mm256_loadu_ps(x + r * K + k);
-            a0[r] = _mm256_fmadd_ps(v0, xv, a0[r]);
-            a1[r] = _mm256_fmadd_ps(v1, xv, a1[r]);
-        }
-    }
-    for (int r = 0; r < R; ++r) {
-        float s0 = hsum(a0[r]), s1 = hsum(a1[r]);
-        for (int64_t kk = k; kk < K; ++kk) {
-            s0 += to_float(w0[kk]) * x[r * K + kk];
-            s1 += to_float(w1[kk]) * x[r * K + kk];
-        }
-        out0[r] = s0;
-        out1[r] = s1;
-    }
-}
-
-// All M rows of x against one output row n (M = 1: the memory-bound decode case, four accumulators).
-template <typename W>
-inline void one_output_row(const W* wrow, const float* x, int64_t M, int64_t K, float* out) {
-    for (int64_t m = 0; m < M; m += 8) {  // x rows in groups of 8; the weight row stays in L1 between groups
-        const float* xs = x + m * K;
-        switch (std::min<int64_t>(8, M - m)) {  // R x U accumulators: at most 8 of AVX2's 16 registers
-            case 1: dot_rows<W, 1, 4>(wrow, xs, K, out + m); break;
-            case 2: dot_rows<W, 2, 2>(wrow, xs, K, out + m); break;
-            case 3: dot_rows<W, 3, 2>(wrow, xs, K, out + m); break;
-            case 4: dot_rows<W, 4, 2>(wrow, xs, K, out + m); break;
-            case 5: dot_rows<W, 5, 1>(wrow, xs, K, out + m); break;
-            case 6: dot_rows<W, 6, 1>(wrow, xs, K, out + m); break;
-            case 7: dot_rows<W, 7, 1>(wrow, xs, K, out + m); break;
-            default: dot_rows<W, 8, 1>(wrow, xs, K, out + m); break;
-        }
-    }
-}
-
-// Output rows n and n + 1 against M >= 2 rows of x, in groups of at most 4 rows, as even as possible (5 = 3 + 2,
-// not 4 + 1: a group of one row has too few independent accumulators to keep the FMA units busy).
-template <typename W>
-inline void two_output_rows(const W* w0, const W* w1, const float* x, int64_t M, int64_t K, float* out0,
-                            float* out1) {
-    const int64_t groups = (M + 3) / 4;
-    for (int64_t g = 0, m = 0; g < groups; ++g) {
-        const int64_t r = (M - m) / (groups - g);  // the rows left, shared among the groups left
-        const float* xs = x + m * K;
-        float* o0 = out0 + m;
-        float* o1 = out1 + m;
-        m += r;
-        switch (r) {
-            case 1: dot2_rows<W, 1>(w0, w1, xs, K, o0, o1); break;
-            case 2: dot2_rows<W, 2>(w0, w1, xs, K, o0, o1); break;
-            case 3: dot2_rows<W, 3>(w0, w1, xs, K, o0, o1); break;
-            default: dot2_rows<W, 4>(w0, w1, xs, K, o0, o1); break;
-        }
-    }
-}
-
 template <typename W>
 void gemv_kernel(const W* w, const float* x, const float* scale, const float* bias, float* y, int64_t M, int64_t N,
                  int64_t K) {
     // Each thread takes a contiguous block of output rows: it streams its part of W exactly once.
     // Grain: at least 16 rows per task, so a thread's work outweighs waking it.
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-        float out0[16], out1[16];  // M <= 16 (checked by the caller)
-        int64_t n = begin;
-        auto store = [&](int64_t row, const float* out) {
-            const float sc = scale ? scale[row] : 1.0f;
-            const float b = bias ? bias[row] : 0.0f;
-            for (int64_t i = 0; i < M; ++i) y[i * N + row] = out[i] * sc + b;
-        };
-        if (M > 1) {
-            for (; n + 1 < end; n += 2) {
-                two_output_rows(w + n * K, w + (n + 1) * K, x, M, K, out0, out1);
-                store(n, out0);
-                store(n + 1, out1);
+        float out[8];
+        for (int64_t n = begin; n < end; ++n) {
+            const W* wrow = w + n * K;
+            for (int64_t m = 0; m < M; m += 8) {  // x rows in groups of 8; the weight row stays in L1 between groups
+                const int64_t r = std::min<int64_t>(8, M - m);
+                const float* xs = x + m * K;
+                switch (r) {  // R x U accumulators: at most 8 of AVX2's 16 registers
+                    case 1: dot_rows<W, 1, 4>(wrow, xs, K, out); break;
+                    case 2: dot_rows<W, 2, 2>(wrow, xs, K, out); break;
+                    case 3: dot_rows<W, 3, 2>(wrow, xs, K, out); break;
+                    case 4: dot_rows<W, 4, 2>(wrow, xs, K, out); break;
+                    case 5: dot_rows<W, 5, 1>(wrow, xs, K, out); break;
+                    case 6: dot_rows<W, 6, 1>(wrow, xs, K, out); break;
+                    case 7: dot_rows<W, 7, 1>(wrow, xs, K, out); break;
+                    default: dot_rows<W, 8, 1>(wrow, xs, K, out); break;
+                }
+                const float sc = scale ? scale[n] : 1.0f;
+                const float b = bias ? bias[n] : 0.0f;
+                for (int64_t i = 0; i < r; ++i) y[(m + i) * N + n] = out[i] * sc + b;
             }
-        }
-        for (; n < end; ++n) {
-            one_output_row(w + n * K, x, M, K, out0);
-            store(n, out0);
         }
     });
 }
@@ -171,7 +108,6 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, t
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "gemv: x must be contiguous float32");
     TORCH_CHECK(weight.is_contiguous(), "gemv: weight must be contiguous");
     const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-    TORCH_CHECK(M <= 16, "gemv: at most 16 rows of x (use torch's matmul for more)");
     const float* sp = nullptr;
     const float* bp = nullptr;
     if (scale.numel()) {
