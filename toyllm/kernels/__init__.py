@@ -17,6 +17,7 @@ Only inference uses it: it has no backward, so tensors that need gradients alway
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +43,9 @@ def _why_not_supported() -> str | None:
         return f"this CPU has no AVX2 (torch reports {capability})"
     if sys.platform != "linux":
         return "the kernel is only built on Linux"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) to build it with"
     return None
 
 
