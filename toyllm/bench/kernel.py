@@ -21,7 +21,6 @@ from torch import nn
 
 from toyllm import kernels
 from toyllm.bench.machine import measure_read_bandwidth
-from toyllm.errors import InvalidArgumentError
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.quantize import quantize_weight
 
@@ -40,34 +39,35 @@ def kernel_bench(
     model: GPT2LMHeadModel, rows: Sequence[int] = (1, 2, 3, 5, 8, 9, 16), repeats: int = 5
 ) -> dict[str, Any]:
     """Time one pass over every Linear weight of `model` per format and per row count; see the module docstring."""
-    if kernels.load(verbose=True) is None:
-        raise InvalidArgumentError(f"the kernel is unavailable: {kernels.unavailable_reason()}")
+    kernels.require("toyllm bench kernel")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     f32 = [m.weight.detach().float().contiguous() for m in linears]
-    formats: dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None], int]] = {
-        "float32": (f32, [None] * len(f32), 4),
-        "bfloat16": ([w.bfloat16() for w in f32], [None] * len(f32), 2),
-    }
     quantized = [quantize_weight(w) for w in f32]
-    formats["int8"] = ([q for q, _ in quantized], [s for _, s in quantized], 1)
-    numel = sum(w.numel() for w in f32)
+    formats: dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {  # (weights, int8 scales)
+        "float32": (f32, [None] * len(f32)),
+        "bfloat16": ([w.bfloat16() for w in f32], [None] * len(f32)),
+        "int8": ([q for q, _ in quantized], [s for _, s in quantized]),
+    }
     inputs = {m: {k: torch.randn(m, k) for k in {w.shape[1] for w in f32}} for m in rows}
 
     def torch_pass(m: int) -> Callable[[], object]:
         return lambda: [torch.nn.functional.linear(inputs[m][w.shape[1]], w) for w in f32]
 
     def kernel_pass(name: str, m: int) -> Callable[[], object]:
-        weights, scales, _ = formats[name]
+        weights, scales = formats[name]
         return lambda: [kernels.gemv(inputs[m][w.shape[1]], w, None, s) for w, s in zip(weights, scales, strict=True)]
+
+    def weight_bytes(weights: list[torch.Tensor]) -> int:
+        return sum(w.numel() * w.element_size() for w in weights)
 
     bandwidth = measure_read_bandwidth("cpu")  # before the passes, with the same threads
     with torch.inference_mode():
+        passes = [("torch float32", torch_pass(1), weight_bytes(f32))]
+        passes += [(f"toyllm {name}", kernel_pass(name, 1), weight_bytes(formats[name][0])) for name in formats]
+        one_row: dict[str, float] = {}
         results: list[dict[str, Any]] = []
-        one_row = {"torch float32": _median_seconds(torch_pass(1), repeats)}
-        for name in formats:
-            one_row[f"toyllm {name}"] = _median_seconds(kernel_pass(name, 1), repeats)
-        for label, seconds in one_row.items():
-            nbytes = numel * formats[label.split()[1]][2]
+        for label, run, nbytes in passes:
+            one_row[label] = seconds = _median_seconds(run, repeats)
             results.append({"kernel": label, "ms_per_pass": 1e3 * seconds, "gb_per_s": nbytes / seconds / 1e9})
         by_rows = []
         for m in rows:
@@ -84,7 +84,7 @@ def kernel_bench(
                 }
             )
     return {
-        "weights": numel,
+        "weights": sum(w.numel() for w in f32),
         "matrices": len(f32),
         "threads": torch.get_num_threads(),
         "read_bandwidth_gb_s": bandwidth / 1e9,

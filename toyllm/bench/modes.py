@@ -219,13 +219,8 @@ def _packed(model: GPT2LMHeadModel, kind: PackedKind) -> GPT2LMHeadModel:
 
 def _with_kernels(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
     """`model` (a copy) decoding through toyllm's CPU kernel; a clear error where the kernel cannot be had."""
-    if next(model.parameters()).device.type != "cpu":
-        raise InvalidArgumentError("the gemv modes are CPU kernels (use --device cpu)")
-    if kernels.load(verbose=True) is None:
-        raise InvalidArgumentError(
-            f"the gemv modes need toyllm's CPU kernel, which is unavailable: {kernels.unavailable_reason()}"
-        )
-    return kernels.use_cpu_kernels(model)
+    kernels.enable("the gemv modes", model)
+    return model
 
 
 def _speculative(model: GPT2LMHeadModel, options: ModeOptions) -> Mode:

@@ -143,6 +143,27 @@ class GemvLinear(nn.Linear):
         return layer
 
 
+def require(purpose: str) -> Any:
+    """The loaded module, or a one-line `InvalidArgumentError` saying what needed it and why it is unavailable."""
+    from toyllm.errors import InvalidArgumentError
+
+    module = load(verbose=True)
+    if module is None:
+        raise InvalidArgumentError(f"{purpose} needs toyllm's CPU kernel, which is unavailable: {unavailable_reason()}")
+    return module
+
+
+def enable(purpose: str, *models: nn.Module) -> None:
+    """For the switches that ask for the kernel explicitly: CPU models only, the kernel required, then swapped in."""
+    from toyllm.errors import InvalidArgumentError
+
+    if any(next(m.parameters()).device.type != "cpu" for m in models):
+        raise InvalidArgumentError(f"{purpose} runs toyllm's CPU kernel: use --device cpu")
+    require(purpose)
+    for model in models:  # a self-speculative draft shares the target's layers: they are swapped once
+        use_cpu_kernels(model)
+
+
 @torch.no_grad()
 def use_cpu_kernels(model: ModuleT, verbose: bool = False) -> ModuleT:
     """Route every `nn.Linear` and `Int8Linear` of `model` (in place) through the kernel.
