@@ -164,10 +164,7 @@ def run_speculative_bench(
         drafts["self"], names["self"] = target_model.first_layers(n), f"{target} first {n} layers"
 
     if kernels:
-        if toyllm_kernels.load(verbose=True) is None:
-            raise InvalidArgumentError(f"--kernels: {toyllm_kernels.unavailable_reason()}")
-        for model in [target_model, *drafts.values()]:  # a self draft's layers are the target's: swapped once
-            toyllm_kernels.use_cpu_kernels(model)
+        toyllm_kernels.enable("--kernels", target_model, *drafts.values())
 
     if prompt_file is not None:
         text = _read_prompt_file(prompt_file)
@@ -286,34 +283,9 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    import argparse
+if __name__ == "__main__":  # the same as `toyllm bench speculative ARGS`, which owns the flags
+    import sys
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="random:gpt2-medium")
-    parser.add_argument("--draft", default="random:gpt2")
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--lookaheads", default="2,4,8")
-    parser.add_argument("--self-layers", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None)
-    a = parser.parse_args()
-    res = run_speculative_bench(
-        a.target,
-        a.draft,
-        cases=a.cases.split(","),
-        lookaheads=[int(k) for k in a.lookaheads.split(",")],
-        self_layers=a.self_layers,
-        max_new_tokens=a.max_new_tokens,
-        prompt_tokens=a.prompt_tokens,
-        temperature=a.temperature,
-        threads=a.threads,
-        device=a.device,
-        out_dir=a.out,
-        progress=lambda m: print(m, flush=True),
-    )
-    print(format_table(res))
+    from toyllm.cli.main import run_app
+
+    sys.exit(run_app(["bench", "speculative", *sys.argv[1:]]))

@@ -121,20 +121,6 @@ def format_stats(stats: GenerationStats) -> list[str]:
     return lines
 
 
-def use_cpu_kernel(*models: torch.nn.Module | None) -> None:
-    """`--cpu-kernel`: route the models' linear layers through toyllm.kernels, or fail with the reason."""
-    from toyllm import kernels
-
-    for model in models:
-        if model is not None and next(model.parameters()).device.type != "cpu":
-            raise InvalidArgumentError("--cpu-kernel is a CPU kernel; use --device cpu")
-    if kernels.load(verbose=True) is None:
-        raise InvalidArgumentError(f"--cpu-kernel: the kernel is unavailable: {kernels.unavailable_reason()}")
-    for model in models:
-        if model is not None:
-            kernels.use_cpu_kernels(model)
-
-
 def run_generate(
     prompt: str,
     config: GenerationConfig,
@@ -161,7 +147,9 @@ def run_generate(
     tok = load_tokenizer_for(model, tokenizer)
     draft_model = load_draft(lm, draft, draft_layers, target_device, target_dtype)
     if cpu_kernel:
-        use_cpu_kernel(lm, draft_model)
+        from toyllm import kernels
+
+        kernels.enable("--cpu-kernel", *[m for m in (lm, draft_model) if m is not None])
     check_prompt_fits(tok, lm, prompt, config)
     config = dataclasses.replace(config, eos_token_id=tok.eos_token_id)  # this tokenizer's end of text
 
@@ -200,12 +188,23 @@ def run_generate(
 def script_parser(description: str) -> argparse.ArgumentParser:
     """The flags of the original scripts, spelled with underscores as they were; `toyllm generate` has them all."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="Hub id, local checkpoint directory, or random:<preset> (offline)"
     )
+    add_generation_arguments(parser, max_new_tokens=100)
+    return parser
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The prompt, sampling, device and output flags that every seed script shares."""
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
     parser.add_argument(
-        "--max_length", "--max_new_tokens", dest="max_new_tokens", type=int, default=100, help="new tokens to generate"
+        "--max_length",
+        "--max_new_tokens",
+        dest="max_new_tokens",
+        type=int,
+        default=max_new_tokens,
+        help="new tokens to generate",
     )
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     parser.add_argument("--top_k", type=int, default=50, help="0 disables")
@@ -215,21 +214,24 @@ def script_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--stream", action="store_true", help="print the completion as it is generated")
-    return parser
 
 
-def run_script(args: argparse.Namespace, *, use_kv_cache: bool, chunk_size: int | None = None) -> int:
-    """Run one of the seed scripts through `run_generate`; returns the exit code (2 with one line on a mistake)."""
-    config = GenerationConfig(
+def script_config(args: argparse.Namespace, **options: Any) -> GenerationConfig:
+    """The `GenerationConfig` of a seed script's parsed sampling flags, plus script-specific `options`."""
+    return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
-        use_kv_cache=use_kv_cache,
-        chunk_size=chunk_size,
+        **options,
     )
+
+
+def run_script(args: argparse.Namespace, *, use_kv_cache: bool, chunk_size: int | None = None) -> int:
+    """Run one of the seed scripts through `run_generate`; returns the exit code (2 with one line on a mistake)."""
+    config = script_config(args, use_kv_cache=use_kv_cache, chunk_size=chunk_size)
     return run_guarded(
         lambda: run_generate(
             args.prompt, config, model=args.model, device=args.device, dtype=args.dtype, stream=args.stream

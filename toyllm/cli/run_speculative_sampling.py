@@ -22,8 +22,8 @@ if __name__ == "__main__" and not __package__:
     # that was never pip-installed.
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-from toyllm.cli.common import DEFAULT_PROMPT, run_generate, run_guarded  # noqa: E402
-from toyllm.generation import LOOKAHEAD_SCHEDULES, GenerationConfig  # noqa: E402
+from toyllm.cli.common import add_generation_arguments, run_generate, run_guarded, script_config  # noqa: E402
+from toyllm.generation import LOOKAHEAD_SCHEDULES  # noqa: E402
 
 # The seed project's names that are not Hugging Face Hub ids.
 HUB_ALIASES = {"gpt2-small": "gpt2"}
@@ -49,30 +49,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lookahead", type=int, default=4, help="draft tokens proposed per round (K)")
     p.add_argument("--lookahead_schedule", default="constant", choices=LOOKAHEAD_SCHEDULES, help="how K adapts")
     p.add_argument("--max_lookahead", type=int, default=16, help="upper bound on K for heuristic and threshold")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
-    p.add_argument(
-        "--max_new_tokens", "--max_length", dest="max_new_tokens", type=int, default=50, help="new tokens to generate"
-    )
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=50, help="0 disables")
-    p.add_argument("--top_p", type=float, default=1.0, help="in (0, 1]; 1 disables")
-    p.add_argument("--repetition_penalty", type=float, default=1.0, help="1 disables")
-    p.add_argument("--seed", type=int, default=None, help="make the run repeatable")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--stream", action="store_true", help="print the completion as it is generated")
+    add_generation_arguments(p, max_new_tokens=50)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
+    config = script_config(
+        args,
         lookahead=args.lookahead,
         lookahead_schedule=args.lookahead_schedule,
         max_lookahead=max(args.max_lookahead, args.lookahead),
