@@ -65,14 +65,18 @@ def target() -> GPT2LMHeadModel:
 def drafts(target: GPT2LMHeadModel) -> dict[str, GPT2LMHeadModel]:
     # An unrelated model: other seed, one layer, untied head, so it rarely agrees with the target.
     unrelated = tiny(7, n_layer=1, tie_word_embeddings=False)
-    return {"same": target, "unrelated": unrelated, "self": target.first_layers(1)}
+    # The target itself (all its layers, shared) scoring only half the vocabulary: it agrees whenever the target's
+    # greedy token is one it can propose.
+    restricted = target.first_layers(target.config.n_layer)
+    restricted.restrict_vocab(range(0, 96, 2))
+    return {"same": target, "unrelated": unrelated, "self": target.first_layers(1), "restricted": restricted}
 
 
 # -- greedy: the output is the target's own greedy output ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("K", [1, 2, 4, 8])
-@pytest.mark.parametrize("kind", ["same", "unrelated", "self"])
+@pytest.mark.parametrize("kind", ["same", "unrelated", "self", "restricted"])
 def test_greedy_equals_target_greedy(target, drafts, kind: str, K: int) -> None:
     config = GenerationConfig(max_new_tokens=24, temperature=0.0, eos_token_id=None, lookahead=K, max_lookahead=8)
     total = SpeculativeStats()
@@ -86,6 +90,8 @@ def test_greedy_equals_target_greedy(target, drafts, kind: str, K: int) -> None:
         assert total.acceptance_rate == 1.0
     if kind == "unrelated":
         assert total.acceptance_rate < 0.1
+    if kind == "restricted":  # accepted exactly when the target's token is an even id
+        assert 0 < total.acceptance_rate < 1
 
 
 @pytest.mark.parametrize("schedule", ["heuristic", "threshold"])
@@ -248,6 +254,21 @@ def test_distribution_is_exactly_the_targets(small_pair, knobs, schedule) -> Non
     p_value = chi_square_p_value(counts, exact_next3(target, prompt, config))
     print(f"acceptance {alpha:.3f}, chi-square p-value {p_value:.3g}")
     assert 0.1 < alpha < 0.9  # rejections and acceptances both happen, so the residual path is exercised
+    assert p_value > ALPHA
+
+
+@pytest.mark.slow
+def test_distribution_is_exact_with_a_restricted_draft(small_pair) -> None:
+    """A draft that can only propose 5 of the 8 tokens (q = 0 on the rest) still gives the target's distribution:
+    the residual max(0, p - q) puts the missing mass back."""
+    target, draft = small_pair
+    restricted = draft.first_layers(draft.config.n_layer)  # the same weights, its own head settings
+    restricted.restrict_vocab([0, 2, 3, 5, 6])
+    config, prompt = dist_config(PLAIN), torch.tensor([[3]])
+    counts, alpha = sample_next3(SpeculativeDecoder, target, restricted, prompt, config, N_SAMPLES)
+    p_value = chi_square_p_value(counts, exact_next3(target, prompt, config))
+    print(f"acceptance {alpha:.3f}, chi-square p-value {p_value:.3g}")
+    assert 0.1 < alpha < 0.9
     assert p_value > ALPHA
 
 

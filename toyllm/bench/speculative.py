@@ -32,7 +32,7 @@ from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate
 from toyllm.gpt2.model import GPT2LMHeadModel
-from toyllm.speculative import SpeculativeStats, check_draft, speculative_stream
+from toyllm.speculative import SpeculativeStats, check_draft, draft_vocabulary, speculative_stream
 from toyllm.tokenizer import load_tokenizer
 
 CASES = ("draft", "same", "self")
@@ -129,6 +129,8 @@ def run_speculative_bench(
     threads: int | None = None,
     kernels: bool = False,
     prompt_file: str | Path | None = None,
+    draft_vocab: int | None = None,
+    draft_vocab_data: str | Path | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -140,11 +142,15 @@ def run_speculative_bench(
     (trained models agree far more often on real text). EOS is ignored, so every run makes `max_new_tokens`.
     threads: torch CPU threads (None leaves torch's default). kernels: decode both models through toyllm's CPU
     kernel, which reads each weight once for all K + 1 verified rows (toyllm/kernels).
+    draft_vocab: restrict the `draft` and `self` drafts' output to this many tokens, the most frequent in
+    `draft_vocab_data` (a prepared directory) or else ids 0..n-1 (`toyllm.speculative.vocab`).
     Returns {"machine": ..., "settings": ..., "plain": {...}, "rows": [one dict per (case, K)]}.
     """
     unknown = set(cases) - set(CASES)
     if unknown:
         raise InvalidArgumentError(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
+    if draft_vocab_data is not None and draft_vocab is None:
+        raise InvalidArgumentError("--draft-vocab-data needs --draft-vocab N, the number of tokens to keep")
     say = progress if progress is not None else (lambda message: None)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -163,7 +169,13 @@ def run_speculative_bench(
         n = self_layers if self_layers is not None else max(1, target_model.config.n_layer // 4)
         drafts["self"], names["self"] = target_model.first_layers(n), f"{target} first {n} layers"
 
-    if kernels:
+    if draft_vocab is not None:
+        tc = target_model.config
+        keep = draft_vocabulary(draft_vocab, tc.vocab_size, draft_vocab_data, (tc.eos_token_id,))
+        for case in ("draft", "self"):
+            if case in drafts:
+                drafts[case].restrict_vocab(keep)
+    if kernels:  # after restrict_vocab, so the draft's smaller head goes through the kernel too
         toyllm_kernels.enable("--kernels", target_model, *drafts.values())
 
     if prompt_file is not None:
@@ -215,6 +227,8 @@ def run_speculative_bench(
             "dtype": str(next(target_model.parameters()).dtype),
             "kernels": kernels,
             "prompt": str(prompt_file) if prompt_file is not None else "random ids",
+            "draft_vocab": draft_vocab,
+            "draft_vocab_data": str(draft_vocab_data) if draft_vocab_data is not None else None,
         },
         "plain": plain_runs,
         "rows": rows,

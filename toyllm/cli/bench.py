@@ -443,6 +443,14 @@ def speculative(
         Path | None,
         typer.Option("--prompt-file", help="Take the prompt from the end of this text file (default: random ids)."),
     ] = None,
+    draft_vocab: Annotated[
+        int | None,
+        typer.Option("--draft-vocab", help="Drafts (draft, self) score only this many tokens: the most frequent."),
+    ] = None,
+    draft_vocab_data: Annotated[
+        Path | None,
+        typer.Option("--draft-vocab-data", help="Prepared directory to count them in (default: GPT-2's id order)."),
+    ] = None,
     out: Out = DEFAULT_OUT,
 ) -> None:
     """Speculative decoding against plain KV decoding of the same target: tokens/s, acceptance, speedup vs theory."""
@@ -468,6 +476,8 @@ def speculative(
         threads=threads,
         kernels=kernels,
         prompt_file=prompt_file,
+        draft_vocab=draft_vocab,
+        draft_vocab_data=draft_vocab_data,
         out_dir=out,
         progress=lambda message: err_console.print(message),
     )

@@ -71,23 +71,40 @@ def load_draft(
     draft_layers: int | None,
     device: torch.device,
     dtype: torch.dtype | None,
+    draft_vocab: int | None = None,
+    draft_vocab_data: str | Path | None = None,
 ) -> GPT2LMHeadModel | None:
-    """The draft for speculative decoding: a separate model, the target's first layers, or None (plain decoding)."""
+    """The draft for speculative decoding: a separate model, the target's first layers, or None (plain decoding).
+
+    `draft_vocab` restricts the draft's output to that many tokens (`GPT2LMHeadModel.restrict_vocab`), the most
+    frequent in the prepared directory `draft_vocab_data`, else GPT-2's first ids.
+    """
     if draft is not None and draft_layers is not None:
         raise InvalidArgumentError("give either --draft MODEL or --draft-layers N, not both")
+    if draft_vocab_data is not None and draft_vocab is None:
+        raise InvalidArgumentError("--draft-vocab-data needs --draft-vocab N, the number of tokens to keep")
+    if draft is None and draft_layers is None:
+        if draft_vocab is not None:
+            raise InvalidArgumentError("--draft-vocab needs a draft (--draft MODEL or --draft-layers N)")
+        return None
     if draft_layers is not None:
         n_layer = model.config.n_layer
         if not 1 <= draft_layers <= n_layer:
             raise InvalidArgumentError(f"--draft-layers must be in 1..{n_layer} for this model, got {draft_layers}")
-        return model.first_layers(draft_layers)
-    if draft is None:
-        return None
-    draft_model = GPT2LMHeadModel.from_pretrained(draft, device=device, dtype=dtype)
-    if draft_model.config.vocab_size != model.config.vocab_size:
-        raise InvalidArgumentError(
-            f"the draft '{draft}' has a vocabulary of {draft_model.config.vocab_size} tokens but the model has "
-            f"{model.config.vocab_size}; both must share one tokenizer"
-        )
+        draft_model = model.first_layers(draft_layers)
+    else:
+        assert draft is not None
+        draft_model = GPT2LMHeadModel.from_pretrained(draft, device=device, dtype=dtype)
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise InvalidArgumentError(
+                f"the draft '{draft}' has a vocabulary of {draft_model.config.vocab_size} tokens but the model has "
+                f"{model.config.vocab_size}; both must share one tokenizer"
+            )
+    if draft_vocab is not None:
+        from toyllm.speculative import draft_vocabulary
+
+        c = model.config
+        draft_model.restrict_vocab(draft_vocabulary(draft_vocab, c.vocab_size, draft_vocab_data, (c.eos_token_id,)))
     return draft_model
 
 
@@ -131,6 +148,8 @@ def run_generate(
     tokenizer: str | Path | None = None,
     draft: str | Path | None = None,
     draft_layers: int | None = None,
+    draft_vocab: int | None = None,
+    draft_vocab_data: str | Path | None = None,
     stream: bool = False,
     out: TextIO | None = None,
     cpu_kernel: bool = False,
@@ -145,7 +164,7 @@ def run_generate(
         raise InvalidArgumentError("give either --draft MODEL or --draft-layers N, not both")
     lm = load_model(model, target_device, target_dtype, config.seed)
     tok = load_tokenizer_for(model, tokenizer)
-    draft_model = load_draft(lm, draft, draft_layers, target_device, target_dtype)
+    draft_model = load_draft(lm, draft, draft_layers, target_device, target_dtype, draft_vocab, draft_vocab_data)
     if cpu_kernel:
         from toyllm import kernels
 

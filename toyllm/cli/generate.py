@@ -134,6 +134,21 @@ def generate(
         int | None,
         typer.Option(help="Self-speculative: draft with the model's own first N layers.", rich_help_panel=SPECULATIVE),
     ] = None,
+    draft_vocab: Annotated[
+        int | None,
+        typer.Option(
+            help="The draft scores only this many tokens, the most frequent ones (a cheaper draft; still exact).",
+            rich_help_panel=SPECULATIVE,
+        ),
+    ] = None,
+    draft_vocab_data: Annotated[
+        str | None,
+        typer.Option(
+            help="A directory from `toyllm prepare` or `toyllm distill` to count token frequencies in "
+            "(default: GPT-2's id order, which follows its BPE merges).",
+            rich_help_panel=SPECULATIVE,
+        ),
+    ] = None,
     lookahead: Annotated[
         int, typer.Option(help="Tokens the draft proposes per step.", rich_help_panel=SPECULATIVE)
     ] = 4,
@@ -180,6 +195,8 @@ def generate(
         tokenizer=tokenizer,
         draft=draft,
         draft_layers=draft_layers,
+        draft_vocab=draft_vocab,
+        draft_vocab_data=draft_vocab_data,
         stream=stream,
         cpu_kernel=cpu_kernel,
     )

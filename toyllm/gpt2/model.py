@@ -10,6 +10,7 @@ nh = n_head, hs = head size.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -141,6 +142,9 @@ class GPT2LMHeadModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one matrix for input and output embeddings
+        # A restricted output vocabulary (`restrict_vocab`): the kept ids, (n,), and their rows of the head.
+        self.head_vocab: torch.Tensor | None = None
+        self.head_subset: nn.Linear | None = None
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -193,7 +197,15 @@ class GPT2LMHeadModel(nn.Module):
         x = self.transformer.ln_f(x)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)  # (B, T, vocab)
+        if self.head_subset is None:
+            logits = self.lm_head(x)  # (B, T, vocab)
+        else:
+            if labels is not None:
+                raise ValueError("a model with a restricted vocabulary is for inference; restrict_vocab(None) first")
+            assert self.head_vocab is not None
+            scores = self.head_subset(x)  # (B, T, n): logits of the kept tokens only
+            logits = scores.new_full((*scores.shape[:-1], self.config.vocab_size), float("-inf"))  # (B, T, vocab)
+            logits.index_copy_(-1, self.head_vocab, scores)
         if labels is None:
             return logits
         loss = F.cross_entropy(
@@ -210,6 +222,30 @@ class GPT2LMHeadModel(nn.Module):
         if exclude_embeddings:
             n -= self.transformer.wpe.weight.numel()
         return n
+
+    def restrict_vocab(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
+        """Score only `token_ids`; every other token gets logit -inf, so it is never sampled. None undoes it.
+
+        Why: a small model spends most of a decoding step in its vocab x n_embd output projection (for a 2-layer,
+        128-wide GPT-2, 94% of its weights). A speculative *draft* only has to propose likely tokens, and
+        speculative sampling stays exact whatever distribution the draft samples from, so a draft that cannot
+        propose rare tokens only loses acceptance on them (FR-Spec, Zhao et al. 2025; EAGLE-3's draft vocabulary).
+        Inference only: the kept rows are copied now, so later changes to the weights do not reach them, and a
+        forward with labels raises.
+        """
+        if token_ids is None:
+            self.head_vocab = self.head_subset = None
+            return
+        weight = self.lm_head.weight
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted, no repeats
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.config.vocab_size:
+            raise ValueError(f"token ids to keep must be a non-empty set within 0..{self.config.vocab_size - 1}")
+        ids = ids.to(weight.device)
+        head = nn.Linear(self.config.n_embd, ids.numel(), bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight[ids])
+        head.requires_grad_(False)
+        self.head_vocab, self.head_subset = ids, head
 
     def first_layers(self, n_layer: int) -> GPT2LMHeadModel:
         """A self-speculative draft: the first `n_layer` blocks, then the final norm and head.

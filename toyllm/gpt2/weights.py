@@ -254,6 +254,8 @@ def _write_checkpoint(model: GPT2LMHeadModel, out: Path) -> None:
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue  # the same matrix as wte; transformers re-ties it on load, as for the Hub's own files
+        if name.startswith("head_subset."):
+            continue  # a copy of some lm_head rows, for inference (restrict_vocab); the full head is saved
         if name.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()  # (out, in) -> (in, out)
         tensors[name] = tensor.detach().to("cpu").contiguous()

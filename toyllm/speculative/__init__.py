@@ -13,6 +13,7 @@ from toyllm.speculative.schedules import (
 )
 from toyllm.speculative.stats import SpeculativeStats
 from toyllm.speculative.verify import residual_distribution, verify_drafts
+from toyllm.speculative.vocab import draft_vocabulary, frequent_tokens
 
 __all__ = [
     "ConstantSchedule",
@@ -22,6 +23,8 @@ __all__ = [
     "SpeculativeStats",
     "ThresholdSchedule",
     "check_draft",
+    "draft_vocabulary",
+    "frequent_tokens",
     "make_schedule",
     "residual_distribution",
     "speculative_stream",
