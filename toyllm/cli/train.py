@@ -232,3 +232,68 @@ def eval_command(
     typer.echo(f"perplexity    {result.perplexity:.3f}")
     typer.echo(f"bits/byte     {result.bits_per_byte:.4f}")
     typer.echo(f"windows       {result.windows} (length {result.max_length}, stride {result.stride})")
+
+
+DISTILL_HELP = """Write distillation data for a speculative draft: the teacher's own continuations of real prompts.
+
+Cuts --sequences random prompts of --prompt-len tokens from DIR's train split, lets the teacher continue each by
+--new-tokens (greedy by default: the draft is then trained on exactly what greedy speculative decoding will ask it
+to guess), and writes prompt + continuation in the format of `toyllm prepare`. Train the draft on it as usual:
+
+  toyllm distill --teacher runs/shakespeare-6x384/best --data runs/data/shakespeare --out runs/data/distill-6x384
+
+  toyllm train --data runs/data/distill-6x384 --model runs/shakespeare-draft-2x128/best --out runs/draft-distilled
+"""
+
+
+@app.command(help=DISTILL_HELP, no_args_is_help=True)
+def distill(
+    teacher: Annotated[str, typer.Option(help="The target model: checkpoint directory, Hub id or random:<preset>.")],
+    data: Annotated[Path, typer.Option(help="Directory from `toyllm prepare`; prompts come from its train split.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write.", show_default=False)],
+    sequences: Annotated[int, typer.Option(help="How many prompts to continue.")] = 1024,
+    prompt_len: Annotated[int, typer.Option(help="Real tokens per prompt.")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Tokens the teacher writes per prompt.")] = 160,
+    batch_size: Annotated[int, typer.Option(help="Prompts continued together.")] = 16,
+    temperature: Annotated[float, typer.Option(help="0 is greedy (what greedy speculative decoding needs).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt positions and of sampling.")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Share of sequences held out for validation.")] = 0.05,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    cpu_kernel: Annotated[
+        bool, typer.Option("--cpu-kernel", help="Generate through toyllm's AVX2 kernel (batches up to 16).")
+    ] = False,
+) -> None:
+    from rich.progress import Progress
+
+    from toyllm import kernels
+    from toyllm.device import resolve_device, resolve_dtype
+    from toyllm.gpt2.model import GPT2LMHeadModel
+    from toyllm.sampling import validate_sampling
+    from toyllm.train.distill import distill_data
+
+    validate_sampling(temperature, 0, 1.0, 1.0)
+    target, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    lm = GPT2LMHeadModel.from_pretrained(teacher, device=target, dtype=torch_dtype).eval()
+    if cpu_kernel:
+        kernels.enable("--cpu-kernel", lm)
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("teacher writing", total=sequences)
+        result = distill_data(
+            lm,
+            data,
+            out,
+            sequences=sequences,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            batch_size=batch_size,
+            temperature=temperature,
+            seed=seed,
+            val_fraction=val_fraction,
+            teacher_name=teacher,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    err_console.print(
+        f"wrote {result.directory}: {result.train_tokens:,} train + {result.val_tokens:,} val tokens, "
+        f"{result.sequences} sequences by {teacher} in {result.seconds:.0f} s"
+    )
