@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from toyllm import kernels as toyllm_kernels
@@ -48,26 +49,38 @@ def theoretical_speedup(alpha: float, lookahead: int, cost_ratio: float, verify_
     return tokens / (cost_ratio * lookahead + verify_cost)
 
 
-def _timed_plain(model: GPT2LMHeadModel, ids: torch.Tensor, config: GenerationConfig) -> tuple[torch.Tensor, dict]:
-    stats = GenerationStats()
-    start = time.perf_counter()
-    out = generate(model, ids, config, stats=stats)
-    seconds = time.perf_counter() - start
-    steps = max(1, stats.new_tokens - 1)  # the first token comes from the prefill
-    return out, {
+def _timed_plain(
+    model: GPT2LMHeadModel, prompts: list[torch.Tensor], config: GenerationConfig
+) -> tuple[list[torch.Tensor], dict]:
+    """Plain KV decoding of every prompt; times are summed over the prompts."""
+    outs, seconds, decode_seconds, tokens, steps = [], 0.0, 0.0, 0, 0
+    for ids in prompts:
+        stats = GenerationStats()
+        start = time.perf_counter()
+        outs.append(generate(model, ids, config, stats=stats))
+        seconds += time.perf_counter() - start
+        decode_seconds += stats.decode_seconds
+        tokens += stats.new_tokens
+        steps += max(1, stats.new_tokens - 1)  # the first token comes from the prefill
+    return outs, {
         "seconds": seconds,
-        "tokens_per_second": stats.new_tokens / seconds,
-        "step_seconds": stats.decode_seconds / steps,  # one decode forward (plus sampling)
+        "tokens_per_second": tokens / seconds,
+        "step_seconds": decode_seconds / steps,  # one decode forward (plus sampling)
     }
 
 
 def _timed_speculative(
-    target: GPT2LMHeadModel, draft: GPT2LMHeadModel, ids: torch.Tensor, config: GenerationConfig
-) -> tuple[torch.Tensor, SpeculativeStats, float]:
+    target: GPT2LMHeadModel, draft: GPT2LMHeadModel, prompts: list[torch.Tensor], config: GenerationConfig
+) -> tuple[list[torch.Tensor], SpeculativeStats, float]:
+    """Speculative decoding of every prompt; one `SpeculativeStats` adds up the counters of all of them."""
     spec = SpeculativeStats()
-    start = time.perf_counter()
-    pieces = [ids, *speculative_stream(target, draft, ids, config, spec_stats=spec)]
-    return torch.cat(pieces, dim=1), spec, time.perf_counter() - start
+    outs, seconds = [], 0.0
+    for ids in prompts:
+        start = time.perf_counter()
+        pieces = [ids, *speculative_stream(target, draft, ids, config, spec_stats=spec)]
+        outs.append(torch.cat(pieces, dim=1))
+        seconds += time.perf_counter() - start
+    return outs, spec, seconds
 
 
 def _row(
@@ -78,8 +91,8 @@ def _row(
     seconds: float,
     plain: dict[str, float],
     c: float,
-    out: torch.Tensor,
-    reference: torch.Tensor,
+    outs: list[torch.Tensor],
+    references: list[torch.Tensor],
     temperature: float,
 ) -> dict[str, Any]:
     """One line of results: a speculative run next to the plain run it is compared with."""
@@ -109,7 +122,7 @@ def _row(
             "draft": spec.draft_seconds,
             "other": spec.other_seconds,
         },
-        "outputs_match": bool(torch.equal(out, reference)) if temperature == 0 else None,
+        "outputs_match": all(map(torch.equal, outs, references)) if temperature == 0 else None,
     }
 
 
@@ -122,6 +135,7 @@ def run_speculative_bench(
     self_layers: int | None = None,
     max_new_tokens: int = 64,
     prompt_tokens: int = 32,
+    prompts: int = 1,
     temperature: float = 0.0,
     seed: int = 0,
     device: str = "cpu",
@@ -138,14 +152,18 @@ def run_speculative_bench(
 
     target, draft: model names as `toyllm generate` takes them (Hub id, local directory, `random:<preset>`).
     cases: any of `draft`, `same`, `self`. self_layers: layers of the self-speculative draft (default n_layer // 4).
-    The prompt is `prompt_tokens` random token ids (seeded), or the last `prompt_tokens` tokens of `prompt_file`
-    (trained models agree far more often on real text). EOS is ignored, so every run makes `max_new_tokens`.
+    Each of the `prompts` prompts is `prompt_tokens` random token ids (seeded), or a window of `prompt_file`'s text
+    (trained models agree far more often on real text): one prompt is its last `prompt_tokens` tokens; several are
+    spread evenly over its last 5%, the held-out tail that `toyllm prepare` makes the validation split. Times and
+    counts add up over the prompts. EOS is ignored, so every run makes `max_new_tokens`.
     threads: torch CPU threads (None leaves torch's default). kernels: decode both models through toyllm's CPU
     kernel, which reads each weight once for all K + 1 verified rows (toyllm/kernels).
     draft_vocab: restrict the `draft` and `self` drafts' output to this many tokens, the most frequent in
     `draft_vocab_data` (a prepared directory) or else ids 0..n-1 (`toyllm.speculative.vocab`).
     Returns {"machine": ..., "settings": ..., "plain": {...}, "rows": [one dict per (case, K)]}.
     """
+    if prompts < 1:
+        raise InvalidArgumentError(f"--prompts must be >= 1, got {prompts}")
     unknown = set(cases) - set(CASES)
     if unknown:
         raise InvalidArgumentError(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
@@ -179,12 +197,17 @@ def run_speculative_bench(
         toyllm_kernels.enable("--kernels", target_model, *drafts.values())
 
     if prompt_file is not None:
-        text = _read_prompt_file(prompt_file)
-        token_ids = load_tokenizer(target).encode(text)[-prompt_tokens:]
-        ids = torch.tensor([token_ids], dtype=torch.long, device=dev)
+        stream = load_tokenizer(target).encode(_read_prompt_file(prompt_file))
+        if len(stream) < prompt_tokens:
+            raise InvalidArgumentError(f"{prompt_file} has {len(stream)} tokens, fewer than --prompt-len")
+        tail = stream[-max(len(stream) // 20, prompt_tokens) :]  # the last 5%: text no training run saw
+        starts = [round(s) for s in np.linspace(len(tail) - prompt_tokens, 0, prompts)]  # the last window first
+        windows = [tail[s : s + prompt_tokens] for s in starts]
+        prompt_ids = [torch.tensor([w], dtype=torch.long, device=dev) for w in windows]
     else:
         generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, target_model.config.vocab_size, (1, prompt_tokens), generator=generator).to(dev)
+        V = target_model.config.vocab_size
+        prompt_ids = [torch.randint(0, V, (1, prompt_tokens), generator=generator).to(dev) for _ in range(prompts)]
 
     def config(lookahead: int = 4) -> GenerationConfig:
         """Plain sampling without top-k, EOS ignored, so that every run makes exactly max_new_tokens."""
@@ -199,20 +222,20 @@ def run_speculative_bench(
         )
 
     with torch.inference_mode():
-        target_model(ids[:, :8])  # warm-up: first-call allocations must not land in the first timing
+        target_model(prompt_ids[0][:, :8])  # warm-up: first-call allocations must not land in the first timing
     rows, plain_runs = [], {}
     for case, model in drafts.items():
         # Plain decoding is timed again right before each case: on a shared machine the speed drifts over minutes,
         # and only numbers measured side by side make a fair ratio.
         say(f"plain decoding of the target ({max_new_tokens} tokens), then of the {case} draft")
-        reference, plain = _timed_plain(target_model, ids, config())
-        draft_plain = plain if case == "same" else _timed_plain(model, ids, config())[1]
+        references, plain = _timed_plain(target_model, prompt_ids, config())
+        draft_plain = plain if case == "same" else _timed_plain(model, prompt_ids, config())[1]
         plain_runs[case] = {"target": plain, "draft": draft_plain}
         c = draft_plain["step_seconds"] / plain["step_seconds"]
         for K in lookaheads:
             say(f"speculative, {case} draft, K={K}")
-            out, spec, seconds = _timed_speculative(target_model, model, ids, config(K))
-            rows.append(_row(case, names[case], K, spec, seconds, plain, c, out, reference, temperature))
+            outs, spec, seconds = _timed_speculative(target_model, model, prompt_ids, config(K))
+            rows.append(_row(case, names[case], K, spec, seconds, plain, c, outs, references, temperature))
     results: dict[str, Any] = {
         "machine": describe_machine(dev),
         "settings": {
@@ -222,6 +245,7 @@ def run_speculative_bench(
             "lookaheads": list(lookaheads),
             "max_new_tokens": max_new_tokens,
             "prompt_tokens": prompt_tokens,
+            "prompts": prompts,
             "temperature": temperature,
             "seed": seed,
             "dtype": str(next(target_model.parameters()).dtype),

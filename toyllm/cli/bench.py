@@ -431,6 +431,9 @@ def speculative(
     ] = None,
     max_new_tokens: MaxNew = 64,
     prompt_len: PromptLen = 32,
+    prompts: Annotated[
+        int, typer.Option("--prompts", help="How many prompts (with --prompt-file: spread over its last 5%).")
+    ] = 1,
     temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy.")] = 0.0,
     device: Device = "auto",
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = None,
@@ -469,6 +472,7 @@ def speculative(
         self_layers=self_layers,
         max_new_tokens=max_new_tokens,
         prompt_tokens=prompt_len,
+        prompts=prompts,
         temperature=temperature,
         seed=seed,
         device=device,
