@@ -218,7 +218,7 @@ class SpeculativeDecoder:
             logits = self._timed_draft(self.tokens[None, dw.end : pos])  # (1, V)
             processed = self._process(logits, self.tokens[None, :pos])
             # The draft's confidence: its top probability (before the greedy one-hot, so it means something at T=0).
-            confidence = float(torch.softmax(processed, dim=-1).max())
+            confidence = float(torch.softmax(processed, dim=-1).max()) if self.schedule.uses_confidence else math.nan
             if not self.schedule.keep_drafting(i, confidence) and i > 1:
                 break
             token, q = self._draft_token(logits, processed)

@@ -20,6 +20,10 @@ from toyllm.generation import GenerationConfig
 class LookaheadSchedule:
     """The interface the decoder uses. Subclasses override what they need."""
 
+    # Does `keep_drafting` / `update` read the draft's confidence? Computing it costs a softmax over the vocabulary
+    # per draft token, so schedules that ignore it say so and get NaN instead.
+    uses_confidence = True
+
     def __init__(self, config: GenerationConfig) -> None:
         self.lookahead = config.lookahead  # the most drafts the next round may propose
 
@@ -44,9 +48,13 @@ class LookaheadSchedule:
 class ConstantSchedule(LookaheadSchedule):
     """K never changes."""
 
+    uses_confidence = False
+
 
 class HeuristicSchedule(LookaheadSchedule):
     """+2 after a fully accepted round, -1 otherwise (at least 1, at most `max_lookahead`)."""
+
+    uses_confidence = False
 
     def __init__(self, config: GenerationConfig) -> None:
         super().__init__(config)
