@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate, generate_text, stream_text
@@ -26,6 +27,7 @@ from toyllm.speculative import (
     ThresholdSchedule,
     speculative_stream,
     verify_drafts,
+    verify_greedy,
 )
 from toyllm.speculative.verify import draw
 
@@ -126,6 +128,17 @@ def test_verify_drafts_cases() -> None:
     assert verify_drafts(torch.tensor([1, 0]), q, p) == (1, 2)  # second draft rejected, residual = target's token
     assert verify_drafts(torch.tensor([1, 2]), torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), p) == (2, 0)  # bonus
     assert verify_drafts(torch.zeros(0, dtype=torch.long), torch.zeros(0, 3), p[:1]) == (0, 1)  # no drafts
+
+
+def test_verify_greedy_is_verify_drafts_on_one_hots() -> None:
+    """The temperature-0 shortcut decides exactly what the general rule decides when p and q are one-hots."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        K = int(torch.randint(0, 5, (1,), generator=g))
+        target = torch.randint(0, 3, (K + 1,), generator=g)  # a 3-token vocabulary: matches are common
+        drafts = torch.where(torch.rand(K, generator=g) < 0.7, target[:K], torch.randint(0, 3, (K,), generator=g))
+        p, q = F.one_hot(target, 3).float(), F.one_hot(drafts, 3).float()
+        assert verify_greedy(drafts, target) == verify_drafts(drafts, q, p, g)
 
 
 def test_residual_exactness_one_position() -> None:

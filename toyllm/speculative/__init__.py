@@ -12,7 +12,7 @@ from toyllm.speculative.schedules import (
     make_schedule,
 )
 from toyllm.speculative.stats import SpeculativeStats
-from toyllm.speculative.verify import residual_distribution, verify_drafts
+from toyllm.speculative.verify import residual_distribution, verify_drafts, verify_greedy
 from toyllm.speculative.vocab import draft_vocabulary, frequent_tokens
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "residual_distribution",
     "speculative_stream",
     "verify_drafts",
+    "verify_greedy",
 ]

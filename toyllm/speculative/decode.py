@@ -6,7 +6,8 @@ One *round* (batch size 1; `L` tokens so far, the target's cache holding all but
        distribution (the same repetition penalty / temperature / top-k / top-p as plain sampling);
     2. the target runs ONE forward over [last token, d_1 .. d_k] (k + 1 positions, a bottom-right causal mask
        over its cache) and processes its logits the same way, position by position, into p;
-    3. `verify_drafts` keeps the first n drafts and picks one more token (residual or bonus), so every round
+    3. `verify_drafts` (`verify_greedy` at temperature 0, where p and q are one-hots) keeps the first n drafts and
+       picks one more token (residual or bonus), so every round
        emits n + 1 tokens, each distributed exactly as the target alone would sample it;
     4. both caches roll back to the accepted tokens (`truncate`: rejected rows are overwritten later).
 
@@ -38,7 +39,7 @@ from toyllm.kv_cache import KVCache
 from toyllm.sampling import logits_to_probs, process_logits, sample
 from toyllm.speculative.schedules import LookaheadSchedule, make_schedule
 from toyllm.speculative.stats import SpeculativeStats
-from toyllm.speculative.verify import verify_drafts
+from toyllm.speculative.verify import verify_drafts, verify_greedy
 
 
 def check_draft(target: GPT2LMHeadModel, draft: GPT2LMHeadModel) -> None:
@@ -128,6 +129,7 @@ class SpeculativeDecoder:
         self.schedule = schedule if schedule is not None else make_schedule(config)
         self.stats = stats if stats is not None else SpeculativeStats()
         self.done = False
+        self.greedy = config.temperature == 0.0
 
     # -- one round ---------------------------------------------------------------------------------------------
 
@@ -160,8 +162,12 @@ class SpeculativeDecoder:
 
         confidences, q = self._propose(k)
         k = len(confidences)
-        p = self._target_probs(k)
-        n, nxt = self._verify(self.tokens[L : L + k], q, p, self.generator)
+        scores = self._target_scores(k)  # (k + 1, V) processed logits
+        if self.greedy:  # p and q are one-hots: compare argmaxes (verify_greedy), no distributions needed
+            n, nxt = verify_greedy(self.tokens[L : L + k], scores.argmax(dim=-1))
+        else:
+            p = logits_to_probs(scores, cfg.temperature)  # (k + 1, V)
+            n, nxt = self._verify(self.tokens[L : L + k], q, p, self.generator)
         self.tokens[L + n] = nxt  # overwrite the first rejected draft (or write the bonus token)
         tw.rollback(L + n)  # the cache keeps the last token out, so it stays one behind: tokens[start : L + n]
         dw.rollback(L + n)
@@ -221,10 +227,13 @@ class SpeculativeDecoder:
             confidence = float(torch.softmax(processed, dim=-1).max()) if self.schedule.uses_confidence else math.nan
             if not self.schedule.keep_drafting(i, confidence) and i > 1:
                 break
-            token, q = self._draft_token(logits, processed)
+            if self.greedy:
+                token = int(processed.argmax())  # q would be the one-hot on it; verify_greedy needs only the token
+            else:
+                token, q = self._draft_token(logits, processed)
+                qs.append(q)
             self.tokens[pos] = token
             confidences.append(confidence)
-            qs.append(q)
         V = self.target.config.vocab_size
         q = torch.stack(qs) if qs else self.tokens.new_zeros(0, V, dtype=torch.float32)
         return confidences, q
@@ -254,8 +263,8 @@ class SpeculativeDecoder:
 
     # -- the target --------------------------------------------------------------------------------------------
 
-    def _target_probs(self, k: int) -> torch.Tensor:
-        """One verification forward over tokens[L - 1 : L + k]; return p, (k + 1, V), processed row by row."""
+    def _target_scores(self, k: int) -> torch.Tensor:
+        """One verification forward over tokens[L - 1 : L + k]; return its logits (k + 1, V), processed row by row."""
         L, tw, s = self.length, self.target_window, self.stats
         device = self.tokens.device
         start = time.perf_counter()
@@ -275,7 +284,7 @@ class SpeculativeDecoder:
             # Row j predicts position L + j, after tokens[:L + j]: the penalty must see exactly that prefix.
             previous = self.tokens[None, : L + k].expand(k + 1, -1)  # (k+1, L+k)
             valid = torch.arange(L + k, device=device)[None] < (L + torch.arange(k + 1, device=device))[:, None]
-        return logits_to_probs(self._process(logits, previous, valid), self.config.temperature)
+        return self._process(logits, previous, valid)
 
     # The acceptance rule, a plain function (see verify.py); a class attribute so that a test can swap in a broken one.
     _verify = staticmethod(verify_drafts)

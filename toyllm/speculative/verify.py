@@ -13,7 +13,9 @@ because P(reject) = sum_y max(0, q(y) - p(y)) = sum_y max(0, p(y) - q(y)) is exa
 Applied position by position, every emitted token is distributed as the target would have sampled it.
 
 At temperature 0, p and q are one-hots on the argmaxes, so the rule reduces to "keep the draft while it equals the
-target's argmax, then emit the target's argmax": the output is the target's greedy output.
+target's argmax, then emit the target's argmax": the output is the target's greedy output. `verify_greedy` is that
+reduction, used at temperature 0 because it needs no (K, V) distributions at all (building one-hots and drawing from
+them cost more per round than a small draft's forward).
 """
 
 from __future__ import annotations
@@ -56,3 +58,15 @@ def verify_drafts(
             if not ok:
                 return i, draw(residual_distribution(p[i], q[i]), generator)
     return K, draw(p[K], generator)
+
+
+def verify_greedy(drafts: torch.Tensor, target_tokens: torch.Tensor) -> tuple[int, int]:
+    """`verify_drafts` for one-hot p and q: accept while a draft equals the target's argmax, then emit the argmax.
+
+    drafts: (K,); target_tokens: (K + 1,) the target's greedy token at each position. With one-hots, p(x)/q(x) is 1
+    when x is the target's argmax and 0 otherwise, and the residual max(0, p - q) is the one-hot on the argmax.
+    """
+    K = drafts.shape[0]
+    matches = (drafts == target_tokens[:K]).tolist()
+    n = matches.index(False) if False in matches else K
+    return n, int(target_tokens[n])
