@@ -150,11 +150,12 @@ def test_bench_speculative_with_a_restricted_draft(capsys, tmp_path) -> None:
     args += ["--self-layers", "1", "-n", "10", "--prompt-len", "6", "--device", "cpu", "--draft-vocab", "3000"]
     text = tmp_path / "prompts.txt"
     text.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 4)
-    args += ["--prompt-file", text, "--prompts", "3"]
+    args += ["--prompt-file", text, "--prompts", "3", "--repeats", "2"]
     code, out, err = run(capsys, *args, "--out", tmp_path)
     assert code == 0, err
     results = json.loads((tmp_path / "speculative.json").read_text())
     assert results["settings"]["draft_vocab"] == 3000 and results["settings"]["prompts"] == 3
+    assert results["settings"]["repeats"] == 2
     tokens = 3 * 10  # every prompt makes all its tokens (EOS ignored)
     assert all(r["tokens_per_second"] * r["seconds"]["total"] == pytest.approx(tokens) for r in results["rows"])
     assert (tmp_path / "speculative_speedup.png").is_file()

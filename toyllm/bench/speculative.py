@@ -136,6 +136,7 @@ def run_speculative_bench(
     max_new_tokens: int = 64,
     prompt_tokens: int = 32,
     prompts: int = 1,
+    repeats: int = 1,
     temperature: float = 0.0,
     seed: int = 0,
     device: str = "cpu",
@@ -155,15 +156,16 @@ def run_speculative_bench(
     Each of the `prompts` prompts is `prompt_tokens` random token ids (seeded), or a window of `prompt_file`'s text
     (trained models agree far more often on real text): one prompt is its last `prompt_tokens` tokens; several are
     spread evenly over its last 5%, the held-out tail that `toyllm prepare` makes the validation split. Times and
-    counts add up over the prompts. EOS is ignored, so every run makes `max_new_tokens`.
+    counts add up over the prompts. Each timing keeps the fastest of `repeats`. EOS is ignored, so every run makes
+    `max_new_tokens`.
     threads: torch CPU threads (None leaves torch's default). kernels: decode both models through toyllm's CPU
     kernel, which reads each weight once for all K + 1 verified rows (toyllm/kernels).
     draft_vocab: restrict the `draft` and `self` drafts' output to this many tokens, the most frequent in
     `draft_vocab_data` (a prepared directory) or else ids 0..n-1 (`toyllm.speculative.vocab`).
     Returns {"machine": ..., "settings": ..., "plain": {...}, "rows": [one dict per (case, K)]}.
     """
-    if prompts < 1:
-        raise InvalidArgumentError(f"--prompts must be >= 1, got {prompts}")
+    if prompts < 1 or repeats < 1:
+        raise InvalidArgumentError(f"--prompts and --repeats must be >= 1, got {prompts} and {repeats}")
     unknown = set(cases) - set(CASES)
     if unknown:
         raise InvalidArgumentError(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
@@ -225,16 +227,27 @@ def run_speculative_bench(
         target_model(prompt_ids[0][:, :8])  # warm-up: first-call allocations must not land in the first timing
     rows, plain_runs = [], {}
     for case, model in drafts.items():
-        # Plain decoding is timed again right before each case: on a shared machine the speed drifts over minutes,
-        # and only numbers measured side by side make a fair ratio.
-        say(f"plain decoding of the target ({max_new_tokens} tokens), then of the {case} draft")
-        references, plain = _timed_plain(target_model, prompt_ids, config())
-        draft_plain = plain if case == "same" else _timed_plain(model, prompt_ids, config())[1]
+        # Plain decoding is timed again for each case, and every repeat times plain and speculative decoding one
+        # after the other: on a shared machine the speed drifts over minutes, and only numbers measured side by side
+        # make a fair ratio. Each measurement keeps its fastest repeat (the one least disturbed by other work).
+        say(f"{case} draft: plain decoding of the target and the draft, then speculative, x{repeats}")
+        plain: dict[str, float] = {}
+        draft_plain: dict[str, float] = {}
+        best: dict[int, tuple[list[torch.Tensor], SpeculativeStats, float]] = {}
+        for _ in range(repeats):
+            references, run = _timed_plain(target_model, prompt_ids, config())
+            plain = min(plain or run, run, key=lambda r: r["seconds"])
+            if case != "same":
+                run = _timed_plain(model, prompt_ids, config())[1]
+                draft_plain = min(draft_plain or run, run, key=lambda r: r["seconds"])
+            for K in lookaheads:
+                timed = _timed_speculative(target_model, model, prompt_ids, config(K))
+                best[K] = min(best.get(K, timed), timed, key=lambda t: t[2])
+        draft_plain = plain if case == "same" else draft_plain
         plain_runs[case] = {"target": plain, "draft": draft_plain}
         c = draft_plain["step_seconds"] / plain["step_seconds"]
         for K in lookaheads:
-            say(f"speculative, {case} draft, K={K}")
-            outs, spec, seconds = _timed_speculative(target_model, model, prompt_ids, config(K))
+            outs, spec, seconds = best[K]
             rows.append(_row(case, names[case], K, spec, seconds, plain, c, outs, references, temperature))
     results: dict[str, Any] = {
         "machine": describe_machine(dev),
@@ -246,6 +259,7 @@ def run_speculative_bench(
             "max_new_tokens": max_new_tokens,
             "prompt_tokens": prompt_tokens,
             "prompts": prompts,
+            "repeats": repeats,
             "temperature": temperature,
             "seed": seed,
             "dtype": str(next(target_model.parameters()).dtype),

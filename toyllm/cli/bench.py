@@ -434,6 +434,9 @@ def speculative(
     prompts: Annotated[
         int, typer.Option("--prompts", help="How many prompts (with --prompt-file: spread over its last 5%).")
     ] = 1,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Time everything this many times, interleaved; keep each fastest.")
+    ] = 1,
     temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy.")] = 0.0,
     device: Device = "auto",
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = None,
@@ -473,6 +476,7 @@ def speculative(
         max_new_tokens=max_new_tokens,
         prompt_tokens=prompt_len,
         prompts=prompts,
+        repeats=repeats,
         temperature=temperature,
         seed=seed,
         device=device,
