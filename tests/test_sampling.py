@@ -18,6 +18,7 @@ from toyllm.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    greedy,
     logits_to_probs,
     process_logits,
     sample,
@@ -108,6 +109,18 @@ def test_greedy_is_argmax_and_probs_are_one_hot() -> None:
     assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
     probs = logits_to_probs(logits, 0.0)
     assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.equal(probs.sum(-1), torch.ones(3))
+
+
+def test_greedy_equals_torch_argmax_with_ties_and_infinities() -> None:
+    logits = torch.randn(6, 50257)
+    logits[1, [5, 900]] = 100.0  # an exact tie: the first index wins, as in torch
+    logits[2] = float("-inf")
+    logits[2, 77] = -3.0  # a restricted draft's row: -inf but for a few tokens
+    logits[3, 17] = float("inf")
+    for rows in (logits, logits[4], logits[:, ::2], logits.double()):  # 2-D, 1-D, strided, float64
+        assert torch.equal(greedy(rows), rows.argmax(-1))
+    assert greedy(logits).dtype == torch.long and greedy(logits[1]).item() == 5
+    assert torch.equal(greedy(logits.bfloat16()), logits.bfloat16().argmax(-1))  # not numpy's: torch's own
 
 
 def test_sampling_follows_the_distribution_and_the_seed() -> None:

@@ -84,17 +84,28 @@ def process_logits(
     return apply_top_p(logits, top_p)
 
 
+def greedy(processed: torch.Tensor) -> torch.Tensor:
+    """The argmax over the last dimension, (...,): the greedy token (the first one among exact ties, like torch).
+
+    On the CPU this asks numpy, whose argmax is vectorized: torch's CPU argmax over a 50257-wide row took 0.1 to
+    0.3 ms on the reference machine, a visible share of a small model's decode step, and numpy's about 0.012 ms.
+    """
+    if processed.device.type == "cpu" and processed.dtype in (torch.float32, torch.float64):
+        return torch.as_tensor(processed.detach().contiguous().numpy().argmax(axis=-1), dtype=torch.long)
+    return processed.argmax(dim=-1)
+
+
 def logits_to_probs(processed: torch.Tensor, temperature: float) -> torch.Tensor:
     """The distribution a token is drawn from. Greedy (temperature 0) is a one-hot on the argmax."""
     if temperature == 0.0:
-        return torch.nn.functional.one_hot(processed.argmax(dim=-1), processed.size(-1)).to(processed.dtype)
+        return torch.nn.functional.one_hot(greedy(processed), processed.size(-1)).to(processed.dtype)
     return torch.softmax(processed, dim=-1)
 
 
 def sample(processed: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row (B,) from processed logits (B, V)."""
     if temperature == 0.0:
-        return processed.argmax(dim=-1)
+        return greedy(processed)
     probs = torch.softmax(processed, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 

@@ -230,7 +230,7 @@ def run_speculative_bench(
         # Plain decoding is timed again for each case, and every repeat times plain and speculative decoding one
         # after the other: on a shared machine the speed drifts over minutes, and only numbers measured side by side
         # make a fair ratio. Each measurement keeps its fastest repeat (the one least disturbed by other work).
-        say(f"{case} draft: plain decoding of the target and the draft, then speculative, x{repeats}")
+        say(f"case {case}: plain decoding of the target and the draft, then speculative; {repeats} time(s)")
         plain: dict[str, float] = {}
         draft_plain: dict[str, float] = {}
         best: dict[int, tuple[list[torch.Tensor], SpeculativeStats, float]] = {}

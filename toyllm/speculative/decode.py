@@ -36,7 +36,7 @@ from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, _StopChecker, _sync, prefill
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
-from toyllm.sampling import logits_to_probs, process_logits, sample
+from toyllm.sampling import greedy, logits_to_probs, process_logits, sample
 from toyllm.speculative.schedules import LookaheadSchedule, make_schedule
 from toyllm.speculative.stats import SpeculativeStats
 from toyllm.speculative.verify import verify_drafts, verify_greedy
@@ -164,7 +164,7 @@ class SpeculativeDecoder:
         k = len(confidences)
         scores = self._target_scores(k)  # (k + 1, V) processed logits
         if self.greedy:  # p and q are one-hots: compare argmaxes (verify_greedy), no distributions needed
-            n, nxt = verify_greedy(self.tokens[L : L + k], scores.argmax(dim=-1))
+            n, nxt = verify_greedy(self.tokens[L : L + k], greedy(scores))
         else:
             p = logits_to_probs(scores, cfg.temperature)  # (k + 1, V)
             n, nxt = self._verify(self.tokens[L : L + k], q, p, self.generator)
@@ -228,7 +228,7 @@ class SpeculativeDecoder:
             if not self.schedule.keep_drafting(i, confidence) and i > 1:
                 break
             if self.greedy:
-                token = int(processed.argmax())  # q would be the one-hot on it; verify_greedy needs only the token
+                token = int(greedy(processed))  # q would be the one-hot on it; verify_greedy needs only the token
             else:
                 token, q = self._draft_token(logits, processed)
                 qs.append(q)
