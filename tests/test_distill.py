@@ -16,7 +16,7 @@ from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.train import train
 from toyllm.train.data import PreparedData
 from toyllm.train.distill import distill_data
-from toyllm.train.errors import InvalidArgumentError
+from toyllm.train.errors import DataError, InvalidArgumentError
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,22 @@ def test_distill_errors(data, teacher, tmp_path) -> None:
     with pytest.raises(InvalidArgumentError, match="sequences"):
         distill_data(teacher, data, tmp_path / "x", sequences=0)
     assert not (tmp_path / "x" / "meta.json").exists()
+    small = GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=24, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(DataError, match="vocabulary of 50257"):
+        distill_data(small, data, tmp_path / "y", sequences=2)
+
+
+def test_a_failed_run_leaves_the_previous_data_intact(data, teacher, tmp_path) -> None:
+    first = distill_data(teacher, data, tmp_path / "d", sequences=3, prompt_len=4, new_tokens=4, batch_size=2)
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill_data(teacher, data, tmp_path / "d", sequences=5, prompt_len=4, new_tokens=8, progress=interrupt)
+    again = PreparedData.open(tmp_path / "d")  # still the first run's complete, consistent files
+    assert again.meta == json.loads(json.dumps(first.meta)) and len(again.train) == first.train_tokens
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
 def test_distill_command_then_train_a_draft_on_it(data, tmp_path, capsys) -> None:

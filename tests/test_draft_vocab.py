@@ -67,6 +67,26 @@ def test_restriction_is_inference_only_and_checked() -> None:
             model.restrict_vocab(bad)
 
 
+def test_restriction_moves_with_the_model_and_is_not_counted_twice() -> None:
+    model = tiny()
+    n = model.num_parameters()
+    model.restrict_vocab([3, 9, 27])
+    assert model.num_parameters() == n
+    model.to(torch.float64)
+    assert model.head_subset is not None and model.head_subset.weight.dtype == torch.float64
+    with torch.no_grad():
+        logits = model(torch.tensor([[3, 9]]))
+    assert logits.dtype == torch.float64 and torch.isfinite(logits[0, :, [3, 9, 27]]).all()
+
+
+def test_a_quantized_head_cannot_be_restricted() -> None:
+    from toyllm.quantize import quantize_int8
+
+    model = quantize_int8(tiny())
+    with pytest.raises(ValueError, match="before quantizing"):
+        model.restrict_vocab([1, 2])
+
+
 def test_restricted_model_saves_the_full_checkpoint(tmp_path) -> None:
     """The kept rows are an inference-time copy: the checkpoint is the unrestricted model, as transformers expects."""
     model = tiny()
@@ -173,3 +193,5 @@ def test_bench_speculative_with_a_restricted_draft(capsys, tmp_path) -> None:
     assert "| self | 1 |" in out
     code, _, err = run(capsys, *args, "--draft-vocab-data", tmp_path, "--out", tmp_path / "x")
     one_line_error(code, err, "meta.json")
+    code, _, err = run(capsys, *args[:5], "same", "--draft-vocab", "10", "--out", tmp_path / "y")
+    one_line_error(code, err, "`draft` or `self` case")

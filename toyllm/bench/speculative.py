@@ -171,6 +171,8 @@ def run_speculative_bench(
         raise InvalidArgumentError(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
     if draft_vocab_data is not None and draft_vocab is None:
         raise InvalidArgumentError("--draft-vocab-data needs --draft-vocab N, the number of tokens to keep")
+    if draft_vocab is not None and (draft_vocab < 1 or not {"draft", "self"} & set(cases)):
+        raise InvalidArgumentError("--draft-vocab must be >= 1 and needs a `draft` or `self` case to restrict")
     say = progress if progress is not None else (lambda message: None)
     if threads is not None:
         torch.set_num_threads(threads)

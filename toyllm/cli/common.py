@@ -65,6 +65,18 @@ def load_tokenizer_for(name_or_path: str | Path, override: str | Path | None = N
     return load_tokenizer(override if override is not None else name_or_path)
 
 
+def check_draft_options(
+    draft: str | Path | None, draft_layers: int | None, draft_vocab: int | None, draft_vocab_data: str | Path | None
+) -> None:
+    """Draft options that contradict each other, caught before anything is loaded."""
+    if draft is not None and draft_layers is not None:
+        raise InvalidArgumentError("give either --draft MODEL or --draft-layers N, not both")
+    if draft_vocab_data is not None and draft_vocab is None:
+        raise InvalidArgumentError("--draft-vocab-data needs --draft-vocab N, the number of tokens to keep")
+    if draft_vocab is not None and draft is None and draft_layers is None:
+        raise InvalidArgumentError("--draft-vocab needs a draft (--draft MODEL or --draft-layers N)")
+
+
 def load_draft(
     model: GPT2LMHeadModel,
     draft: str | Path | None,
@@ -79,13 +91,8 @@ def load_draft(
     `draft_vocab` restricts the draft's output to that many tokens (`GPT2LMHeadModel.restrict_vocab`), the most
     frequent in the prepared directory `draft_vocab_data`, else GPT-2's first ids.
     """
-    if draft is not None and draft_layers is not None:
-        raise InvalidArgumentError("give either --draft MODEL or --draft-layers N, not both")
-    if draft_vocab_data is not None and draft_vocab is None:
-        raise InvalidArgumentError("--draft-vocab-data needs --draft-vocab N, the number of tokens to keep")
+    check_draft_options(draft, draft_layers, draft_vocab, draft_vocab_data)
     if draft is None and draft_layers is None:
-        if draft_vocab is not None:
-            raise InvalidArgumentError("--draft-vocab needs a draft (--draft MODEL or --draft-layers N)")
         return None
     if draft_layers is not None:
         n_layer = model.config.n_layer
@@ -160,8 +167,7 @@ def run_generate(
     """
     out = out if out is not None else sys.stdout
     target_device, target_dtype = check_options(config, prompt, device, dtype)
-    if draft is not None and draft_layers is not None:  # checked again in load_draft, but before loading here
-        raise InvalidArgumentError("give either --draft MODEL or --draft-layers N, not both")
+    check_draft_options(draft, draft_layers, draft_vocab, draft_vocab_data)  # (load_draft checks too, but later)
     lm = load_model(model, target_device, target_dtype, config.seed)
     tok = load_tokenizer_for(model, tokenizer)
     draft_model = load_draft(lm, draft, draft_layers, target_device, target_dtype, draft_vocab, draft_vocab_data)

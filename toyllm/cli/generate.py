@@ -6,6 +6,7 @@ at once instead of after importing torch.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -142,7 +143,7 @@ def generate(
         ),
     ] = None,
     draft_vocab_data: Annotated[
-        str | None,
+        Path | None,
         typer.Option(
             help="A directory from `toyllm prepare` or `toyllm distill` to count token frequencies in "
             "(default: GPT-2's id order, which follows its BPE merges).",

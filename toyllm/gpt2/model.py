@@ -142,8 +142,10 @@ class GPT2LMHeadModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one matrix for input and output embeddings
-        # A restricted output vocabulary (`restrict_vocab`): the kept ids, (n,), and their rows of the head.
-        self.head_vocab: torch.Tensor | None = None
+        # A restricted output vocabulary (`restrict_vocab`): the kept ids, (n,), and their rows of the head. A buffer
+        # and a submodule, so that `.to(device)` moves them with the model; neither is saved (see weights.py).
+        self.head_vocab: torch.Tensor | None
+        self.register_buffer("head_vocab", None, persistent=False)
         self.head_subset: nn.Linear | None = None
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -219,6 +221,8 @@ class GPT2LMHeadModel(nn.Module):
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
+        if self.head_subset is not None:
+            n -= self.head_subset.weight.numel()  # a copy of rows already counted in lm_head
         if exclude_embeddings:
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -237,11 +241,14 @@ class GPT2LMHeadModel(nn.Module):
             self.head_vocab = self.head_subset = None
             return
         weight = self.lm_head.weight
+        if not isinstance(self.lm_head, nn.Linear) or not weight.is_floating_point():
+            raise ValueError("restrict_vocab needs a floating-point nn.Linear head: restrict before quantizing")
         ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted, no repeats
         if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.config.vocab_size:
             raise ValueError(f"token ids to keep must be a non-empty set within 0..{self.config.vocab_size - 1}")
         ids = ids.to(weight.device)
-        head = nn.Linear(self.config.n_embd, ids.numel(), bias=False, device=weight.device, dtype=weight.dtype)
+        # The same class as the head (a kernel's nn.Linear subclass stays one), holding a copy of the kept rows.
+        head = type(self.lm_head)(self.config.n_embd, ids.numel(), bias=False, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             head.weight.copy_(weight[ids])
         head.requires_grad_(False)

@@ -6,9 +6,9 @@ One *round* (batch size 1; `L` tokens so far, the target's cache holding all but
        distribution (the same repetition penalty / temperature / top-k / top-p as plain sampling);
     2. the target runs ONE forward over [last token, d_1 .. d_k] (k + 1 positions, a bottom-right causal mask
        over its cache) and processes its logits the same way, position by position, into p;
-    3. `verify_drafts` (`verify_greedy` at temperature 0, where p and q are one-hots) keeps the first n drafts and
-       picks one more token (residual or bonus), so every round
-       emits n + 1 tokens, each distributed exactly as the target alone would sample it;
+    3. `verify_drafts` (`verify_greedy` at temperature 0, where p and q are one-hots) keeps the first n drafts
+       and picks one more token (residual or bonus), so every round emits n + 1 tokens, each distributed exactly
+       as the target alone would sample it;
     4. both caches roll back to the accepted tokens (`truncate`: rejected rows are overwritten later).
 
 Nothing accepted is recomputed: the target's cache already holds d_1 .. d_n, and the draft's cache holds what it
@@ -214,7 +214,10 @@ class SpeculativeDecoder:
         )
 
     def _propose(self, k: int) -> tuple[list[float], torch.Tensor]:
-        """Let the draft write up to k tokens at tokens[L : L + k]; return their confidences and q, (k, V)."""
+        """Let the draft write up to k tokens at tokens[L : L + k]; return their confidences and q, (k, V).
+
+        At temperature 0 q is (0, V): greedy verification compares tokens and needs no distributions.
+        """
         L, dw = self.length, self.draft_window
         self.schedule.start_round()
         confidences: list[float] = []
@@ -286,7 +289,8 @@ class SpeculativeDecoder:
             valid = torch.arange(L + k, device=device)[None] < (L + torch.arange(k + 1, device=device))[:, None]
         return self._process(logits, previous, valid)
 
-    # The acceptance rule, a plain function (see verify.py); a class attribute so that a test can swap in a broken one.
+    # The acceptance rule at temperature > 0, a plain function (see verify.py); a class attribute so that a test can
+    # swap in a broken one. (Temperature 0 takes verify_greedy, which needs no distributions.)
     _verify = staticmethod(verify_drafts)
 
 

@@ -19,9 +19,16 @@ import torch
 from toyllm.errors import InvalidArgumentError
 
 
-def frequent_tokens(tokens: np.ndarray | torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
-    """The ids of the `n` most common tokens in `tokens` (ties: lower id first), sorted; (min(n, vocab_size),)."""
-    counts = np.bincount(np.asarray(tokens, dtype=np.int64).ravel(), minlength=vocab_size)[:vocab_size]
+def frequent_tokens(tokens: np.ndarray | torch.Tensor, n: int, vocab_size: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """The ids of the `n` most common tokens in `tokens` (ties: lower id first), sorted; (min(n, vocab_size),).
+
+    Counted `chunk` tokens at a time, so a memory-mapped corpus is never copied whole into memory.
+    """
+    flat = tokens.reshape(-1)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(flat), chunk):
+        piece = np.asarray(flat[start : start + chunk], dtype=np.int64)
+        counts += np.bincount(piece, minlength=vocab_size)[:vocab_size]
     order = np.argsort(-counts, kind="stable")  # most common first; stable keeps lower ids first among ties
     return torch.from_numpy(np.sort(order[: min(n, vocab_size)]))
 
@@ -31,7 +38,7 @@ def draft_vocabulary(
 ) -> torch.Tensor:
     """The ids a restricted draft keeps: the `n` most frequent in `data`'s train split, else ids 0..n-1.
 
-    `always` (e.g. EOS) is added on top, so the draft can propose the end of the text.
+    `always` (e.g. EOS) is added on top, so the draft can propose the end of the text: up to n + len(always) ids.
     """
     if not 1 <= n <= vocab_size:
         raise InvalidArgumentError(f"the draft vocabulary must keep 1..{vocab_size} tokens, got {n}")

@@ -67,8 +67,9 @@ def distill_data(
     """Write `sequences` teacher continuations of prompts from `data`'s train split to `output`, as `prepare` does.
 
     Each sequence is `prompt_len` real tokens and then `new_tokens` the teacher wrote (greedy at temperature 0,
-    else sampled without top-k); EOS does not end it early. The last `val_fraction` of the sequences (whole ones)
-    are the validation split. `progress(done, total)` is called after every batch.
+    else sampled without top-k); EOS does not end it early. The last `val_fraction` of the sequences (whole ones,
+    at least one when `val_fraction > 0` and there are two or more) are the validation split.
+    `progress(done, total)` is called after every batch.
     """
     for name, value in (("sequences", sequences), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
         if value < 1:
@@ -84,13 +85,18 @@ def distill_data(
         )
     if teacher.config.vocab_size >= 2**16:
         raise DataError(f"a vocabulary of {teacher.config.vocab_size} does not fit the uint16 token files")
+    data_vocab = int(source.meta.get("vocab_size", teacher.config.vocab_size))
+    if data_vocab > teacher.config.vocab_size:
+        raise DataError(
+            f"{source.directory} was tokenized with a vocabulary of {data_vocab} tokens, but the teacher has only "
+            f"{teacher.config.vocab_size}; prepare the data with the teacher's tokenizer"
+        )
     out = Path(output).expanduser()
     if out.resolve() == source.directory.resolve():
         raise InvalidArgumentError("--out must differ from --data: distilling would overwrite its own prompts")
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)  # no meta.json: never mistaken for a finished directory
 
     device = next(teacher.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -125,6 +131,9 @@ def distill_data(
                     counts[name] += len(row)
                 if progress is not None:
                     progress(min(first + batch_size, sequences), sequences)
+        # Only now touch what was there: a failed run leaves an earlier distillation intact. Without meta.json the
+        # directory is never mistaken for a finished one, so it goes first and comes back last.
+        (out / META_FILE).unlink(missing_ok=True)
         for name in (TRAIN_FILE, VAL_FILE):
             os.replace(tmp[name], out / name)
     finally:
