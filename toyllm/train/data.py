@@ -221,20 +221,17 @@ def prepare(
         stream.unlink(missing_ok=True)
 
     corpus_hash = hashlib.sha256("".join(m["sha256"] for m in inputs_meta).encode()).hexdigest()
-    meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "tokenizer": str(getattr(tokenizer, "name", "gpt2")),
-        "vocab_size": int(getattr(tokenizer, "vocab_size", getattr(tokenizer, "n_vocab", 50257))),
-        "eos_token_id": eos,
-        "dtype": np.dtype(TOKEN_DTYPE).name,
-        "train_tokens": n_train,
-        "val_tokens": n_val,
-        "documents": documents,
-        "val_fraction": val_fraction,
-        "inputs": inputs_meta,
-        "sha256": corpus_hash,
-    }
+    meta = token_files_meta(
+        str(getattr(tokenizer, "name", "gpt2")),
+        int(getattr(tokenizer, "vocab_size", getattr(tokenizer, "n_vocab", 50257))),
+        eos,
+        n_train,
+        n_val,
+        documents,
+        val_fraction,
+        inputs=inputs_meta,
+        sha256=corpus_hash,
+    )
     _write_json_atomic(out / META_FILE, meta)
     return PrepareResult(out, n_train, n_val, documents, meta)
 
@@ -265,6 +262,32 @@ def _split_tail(stream: Path, n_train: int, val_path: Path) -> None:
             dst.write(chunk)
     os.truncate(stream, start)
     os.replace(tmp, val_path)
+
+
+def token_files_meta(
+    tokenizer: str,
+    vocab_size: int,
+    eos_token_id: int,
+    train_tokens: int,
+    val_tokens: int,
+    documents: int,
+    val_fraction: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The meta.json of a prepared directory: what `PreparedData.open` checks, then `extra` (where it came from)."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "eos_token_id": eos_token_id,
+        "dtype": np.dtype(TOKEN_DTYPE).name,
+        "train_tokens": train_tokens,
+        "val_tokens": val_tokens,
+        "documents": documents,
+        "val_fraction": val_fraction,
+        **extra,
+    }
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

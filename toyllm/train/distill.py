@@ -27,14 +27,13 @@ import torch
 from toyllm.generation import GenerationConfig, generate
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.train.data import (
-    FORMAT,
-    FORMAT_VERSION,
     META_FILE,
     TOKEN_DTYPE,
     TRAIN_FILE,
     VAL_FILE,
     PreparedData,
     _write_json_atomic,
+    token_files_meta,
 )
 from toyllm.train.errors import DataError, InvalidArgumentError
 
@@ -140,18 +139,15 @@ def distill_data(
         for path in tmp.values():
             path.unlink(missing_ok=True)
     seconds = time.perf_counter() - begin
-    meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "tokenizer": source.meta.get("tokenizer", "gpt2"),
-        "vocab_size": teacher.config.vocab_size,
-        "eos_token_id": eos,
-        "dtype": np.dtype(TOKEN_DTYPE).name,
-        "train_tokens": counts[TRAIN_FILE],
-        "val_tokens": counts[VAL_FILE],
-        "documents": sequences,
-        "val_fraction": val_fraction,
-        "distilled": {
+    meta = token_files_meta(
+        source.meta.get("tokenizer", "gpt2"),
+        teacher.config.vocab_size,
+        eos,
+        counts[TRAIN_FILE],
+        counts[VAL_FILE],
+        sequences,
+        val_fraction,
+        distilled={
             "teacher": teacher_name,
             "prompts_from": source.directory.as_posix(),
             "prompts_sha256": source.meta.get("sha256"),
@@ -162,6 +158,6 @@ def distill_data(
             "seed": seed,
             "seconds": round(seconds, 1),
         },
-    }
+    )
     _write_json_atomic(out / META_FILE, meta)
     return DistillResult(out, counts[TRAIN_FILE], counts[VAL_FILE], sequences, seconds, meta)
