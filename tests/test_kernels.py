@@ -50,11 +50,11 @@ def _weights(kind: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("k", [8, 40, 768])  # 40: not a multiple of the 32-wide unrolled loop, so the tail runs
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])  # groups of 8 rows, and the leftovers
+@pytest.mark.parametrize("k", [4, 8, 40, 768])  # 4: tail only; 40: not a multiple of the 32-wide unrolled loop
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 16])  # 1 row, pairs of outputs, balanced groups
 def test_gemv_equals_f_linear(kind: str, k: int, rows: int) -> None:
     torch.manual_seed(rows * 1000 + k)
-    n = 37  # not a multiple of the 16-row grain of the thread split
+    n = 37  # odd (the last output row goes alone) and not a multiple of the 16-row grain of the thread split
     weight, scale, reference_weight = _weights(kind, n, k)
     x, bias = torch.randn(rows, k), torch.randn(n)
     assert kernels.usable(x, weight)

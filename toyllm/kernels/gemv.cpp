@@ -6,12 +6,14 @@
 // core and reads about 10 GB/s, half of what the two cores can read together. This kernel does three things:
 //
 //   1. splits the output rows across all of torch's threads (at::parallel_for), so every core streams weights;
-//   2. reads each weight row once for up to 8 rows of x (speculative verification and small batches multiply
-//      K+1 or B rows; MKL's small-M path costs about one full pass per row here);
+//   2. reads each weight from memory once for up to 16 rows of x (speculative verification and small batches
+//      multiply K+1 or B rows; MKL's small-M path costs about one full pass per row here), two output rows per
+//      pass with a software prefetch, so that 5 rows cost little more than 1 (the extra rows are arithmetic on
+//      weights already in registers);
 //   3. reads weights stored as float32, bfloat16 or int8 and widens them to float32 in registers, so compact
 //      weights really mean fewer bytes read. Accumulation is float32 in every case.
 //
-// W is (N, K) row-major like nn.Linear's weight; x is (M, K) float32; y is (M, N) float32.
+// W is (N, K) row-major like nn.Linear's weight; x is (M, K) float32 with M <= 16; y is (M, N) float32.
 // int8 weights carry one float32 scale per output row: W[n, k] ~ q[n, k] * scale[n] (toyllm/quantize.py).
 
 #include <torch/extension.h>
@@ -21,6 +23,9 @@
 #include <cstdint>
 
 namespace {
+
+// The most rows of x one call takes (toyllm/kernels/__init__.py MAX_ROWS): verification's K+1 and small batches.
+constexpr int64_t kMaxRows = 16;
 
 // Widen 8 consecutive weights to 8 float32 lanes.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -48,8 +53,14 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// One output row n against R rows of x (R <= 8). U independent accumulators per x row hide the FMA latency:
+// How far ahead (in bytes of weights) to ask for the next weights. With two or more rows of x the loop does enough
+// arithmetic per byte that the hardware prefetcher alone falls behind and the core waits on memory; a software
+// prefetch about two gpt2-medium weight rows ahead keeps the stream going (docs/cpu_kernel.md has the A/B numbers).
+constexpr int64_t kPrefetchBytes = 8192;
+
+// One output row against R rows of x (R <= 8). U independent accumulators per x row hide the FMA latency:
 // with one accumulator every FMA would wait for the previous one (4 cycles), capping a core at 2 weights per cycle.
+// Used for a single row of x, where the loop is bound by memory and software prefetch only costs load slots.
 template <typename W, int R, int U>
 inline void dot_rows(const W* w, const float* x, int64_t K, float* out) {
     __m256 acc[R][U];
@@ -70,31 +81,101 @@ inline void dot_rows(const W* w, const float* x, int64_t K, float* out) {
     }
 }
 
+// Two adjacent output rows (w and w + K) against R rows of x (R <= 6): each 8-wide load of x feeds two FMAs, so
+// there are 2 + R loads per 2R FMAs instead of 1 + R per R. That is what lets K+1 = 5 or 9 verification rows cost
+// little more than one row: with one output row per pass the loads, not memory, were the limit.
+// 2R accumulators + 2 weights + 1 x = at most 15 of AVX2's 16 registers.
+template <typename W, int R>
+inline void dot_rows_pair(const W* w, const float* x, int64_t K, float* out0, float* out1) {
+    constexpr int64_t kLine = 64 / sizeof(W);                // weights per cache line
+    constexpr int64_t kAhead = kPrefetchBytes / sizeof(W);  // prefetch distance in weights
+    __m256 acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        if (k % kLine == 0) {  // one prefetch per cache line of each of the two weight rows
+            _mm_prefetch(reinterpret_cast<const char*>(w + k + kAhead), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(w + K + k + kAhead), _MM_HINT_T0);
+        }
+        const __m256 w0 = load8(w + k), w1 = load8(w + K + k);
+        for (int r = 0; r < R; ++r) {
+            const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+            acc0[r] = _mm256_fmadd_ps(w0, xv, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(w1, xv, acc1[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        float s0 = hsum(acc0[r]), s1 = hsum(acc1[r]);
+        for (int64_t kk = k; kk < K; ++kk) {  // K not a multiple of 8
+            s0 += to_float(w[kk]) * x[r * K + kk];
+            s1 += to_float(w[K + kk]) * x[r * K + kk];
+        }
+        out0[r] = s0;
+        out1[r] = s1;
+    }
+}
+
+// Rows of x are taken in balanced groups of at most `most` (9 -> 5 + 4, not 6 + 3), so no group is a nearly empty
+// pass that reads the weights from L1 again for one row.
+inline int64_t group_size(int64_t left, int64_t most) {
+    const int64_t groups = (left + most - 1) / most;
+    return (left + groups - 1) / groups;
+}
+
+template <typename W>
+void dot_one_output(const W* wrow, const float* x, int64_t M, int64_t K, float* out) {
+    for (int64_t m = 0; m < M;) {
+        const int64_t r = group_size(M - m, 6);
+        const float* xs = x + m * K;
+        switch (r) {  // R x U accumulators: at most 8 of AVX2's 16 registers
+            case 1: dot_rows<W, 1, 4>(wrow, xs, K, out + m); break;
+            case 2: dot_rows<W, 2, 2>(wrow, xs, K, out + m); break;
+            case 3: dot_rows<W, 3, 2>(wrow, xs, K, out + m); break;
+            case 4: dot_rows<W, 4, 2>(wrow, xs, K, out + m); break;
+            case 5: dot_rows<W, 5, 1>(wrow, xs, K, out + m); break;
+            default: dot_rows<W, 6, 1>(wrow, xs, K, out + m); break;
+        }
+        m += r;
+    }
+}
+
+template <typename W>
+void dot_two_outputs(const W* wrow, const float* x, int64_t M, int64_t K, float* out0, float* out1) {
+    for (int64_t m = 0; m < M;) {
+        const int64_t r = group_size(M - m, 6);
+        const float* xs = x + m * K;
+        switch (r) {
+            case 1: dot_rows_pair<W, 1>(wrow, xs, K, out0 + m, out1 + m); break;
+            case 2: dot_rows_pair<W, 2>(wrow, xs, K, out0 + m, out1 + m); break;
+            case 3: dot_rows_pair<W, 3>(wrow, xs, K, out0 + m, out1 + m); break;
+            case 4: dot_rows_pair<W, 4>(wrow, xs, K, out0 + m, out1 + m); break;
+            case 5: dot_rows_pair<W, 5>(wrow, xs, K, out0 + m, out1 + m); break;
+            default: dot_rows_pair<W, 6>(wrow, xs, K, out0 + m, out1 + m); break;
+        }
+        m += r;
+    }
+}
+
 template <typename W>
 void gemv_kernel(const W* w, const float* x, const float* scale, const float* bias, float* y, int64_t M, int64_t N,
                  int64_t K) {
-    // Each thread takes a contiguous block of output rows: it streams its part of W exactly once.
-    // Grain: at least 16 rows per task, so a thread's work outweighs waking it.
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-        float out[8];
-        for (int64_t n = begin; n < end; ++n) {
-            const W* wrow = w + n * K;
-            for (int64_t m = 0; m < M; m += 8) {  // x rows in groups of 8; the weight row stays in L1 between groups
-                const int64_t r = std::min<int64_t>(8, M - m);
-                const float* xs = x + m * K;
-                switch (r) {  // R x U accumulators: at most 8 of AVX2's 16 registers
-                    case 1: dot_rows<W, 1, 4>(wrow, xs, K, out); break;
-                    case 2: dot_rows<W, 2, 2>(wrow, xs, K, out); break;
-                    case 3: dot_rows<W, 3, 2>(wrow, xs, K, out); break;
-                    case 4: dot_rows<W, 4, 2>(wrow, xs, K, out); break;
-                    case 5: dot_rows<W, 5, 1>(wrow, xs, K, out); break;
-                    case 6: dot_rows<W, 6, 1>(wrow, xs, K, out); break;
-                    case 7: dot_rows<W, 7, 1>(wrow, xs, K, out); break;
-                    default: dot_rows<W, 8, 1>(wrow, xs, K, out); break;
-                }
-                const float sc = scale ? scale[n] : 1.0f;
-                const float b = bias ? bias[n] : 0.0f;
-                for (int64_t i = 0; i < r; ++i) y[(m + i) * N + n] = out[i] * sc + b;
+    // Each thread takes a contiguous block of output rows: it streams its part of W exactly once. One row of x
+    // (plain decoding) goes one output row at a time; several rows (verification, small batches) two at a time.
+    // Grain: at least 16 output rows per task, so a thread's work outweighs waking it.
+    const int64_t step = M == 1 ? 1 : 2;
+    at::parallel_for(0, (N + step - 1) / step, 16 / step, [&](int64_t begin, int64_t end) {
+        float out[2][kMaxRows];
+        for (int64_t i = begin; i < end; ++i) {
+            const int64_t n = i * step;
+            const int64_t outputs = std::min<int64_t>(step, N - n);  // an odd N leaves one row at the end
+            if (outputs == 2)
+                dot_two_outputs(w + n * K, x, M, K, out[0], out[1]);
+            else
+                dot_one_output(w + n * K, x, M, K, out[0]);
+            for (int64_t j = 0; j < outputs; ++j) {
+                const float sc = scale ? scale[n + j] : 1.0f;
+                const float b = bias ? bias[n + j] : 0.0f;
+                for (int64_t m = 0; m < M; ++m) y[m * N + n + j] = out[j][m] * sc + b;
             }
         }
     });
@@ -107,6 +188,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, t
     TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "gemv: shapes (M, K) and (N, K)");
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "gemv: x must be contiguous float32");
     TORCH_CHECK(weight.is_contiguous(), "gemv: weight must be contiguous");
+    TORCH_CHECK(x.size(0) <= kMaxRows, "gemv: at most 16 rows of x");
     const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
     const float* sp = nullptr;
     const float* bp = nullptr;
