@@ -196,3 +196,28 @@ def test_bench_kernel_writes_json_and_plot(tmp_path: Path) -> None:
     assert [r["rows"] for r in result["rows"]] == [3] and result["rows"][0]["toyllm_float32_vs_1_row"] > 0
     assert (tmp_path / "kernel.png").read_bytes().startswith(b"\x89PNG")
     assert run_app([*args[:-2], "--rows", "1,17"]) == 2  # outside the kernel's range: a clear error
+
+
+def test_bench_kernel_ab_against_a_baseline_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--baseline FILE` builds another gemv.cpp beside the current one and times both, interleaved."""
+    from toyllm.cli.main import run_app
+
+    source = Path(kernels.__file__).with_name("gemv.cpp")  # the same code under another name: same numbers
+    args = ["bench", "kernel", "--model", "random:gpt2-tiny", "--rows", "1,5", "-r", "1", "--out", str(tmp_path)]
+    assert run_app([*args, "--baseline", str(source)]) == 0
+    ab = json.loads((tmp_path / "kernel.json").read_text())["result"]["baseline"]
+    assert ab["source"] == str(source)
+    assert [r["rows"] for r in ab["rows"]] == [1, 5]
+    assert ab["rows"][0]["baseline_vs_baseline_1_row"] == 1.0
+    assert all(r["current_ms"] > 0 and r["baseline_ms"] > 0 for r in ab["rows"])
+    x, w = torch.randn(5, 64), torch.randn(33, 64)
+    torch.testing.assert_close(torch.ops.toyllm_baseline.gemv(x, w, torch.empty(0), torch.empty(0)), x @ w.T)
+
+    capsys.readouterr()
+    assert run_app([*args, "--baseline", str(tmp_path / "missing.cpp")]) == 2
+    not_a_kernel = tmp_path / "other.cpp"
+    not_a_kernel.write_text("int main() { return 0; }\n")
+    assert run_app([*args, "--baseline", str(not_a_kernel)]) == 2
+    err = capsys.readouterr().err
+    assert "no kernel source at" in err and "does not register the toyllm::gemv operator" in err
+    assert "Traceback" not in err

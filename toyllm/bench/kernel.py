@@ -8,6 +8,10 @@ larger than the CPU's caches):
   toyllm's kernel on float32, bfloat16 and int8 weights, next to the read bandwidth measured in the same run.
 * `rows`: the time of M rows (M = 1..16) relative to one row, for both. A memory-bound product should cost about
   the same for a few rows as for one: that is what makes speculative verification of K + 1 tokens cheap.
+
+With a baseline (another version of gemv.cpp, `compare_kernels`), the current and baseline kernels are timed
+interleaved, pass by pass, on float32 weights for each row count, and each keeps its fastest pass: the A/B by which
+changes to the kernel are judged on a noisy machine.
 """
 
 from __future__ import annotations
@@ -93,6 +97,41 @@ def kernel_bench(
     }
 
 
+def compare_kernels(
+    model: GPT2LMHeadModel, baseline: Callable[..., torch.Tensor], rows: Sequence[int], repeats: int
+) -> list[dict[str, Any]]:
+    """Current kernel against `baseline` (an operator from `kernels.load_baseline`), interleaved; see the docstring."""
+    weights = [m.weight.detach().float().contiguous() for m in model.modules() if isinstance(m, nn.Linear)]
+    inputs = {m: {k: torch.randn(m, k) for k in {w.shape[1] for w in weights}} for m in rows}
+    ops: dict[str, Callable[..., torch.Tensor]] = {"current": torch.ops.toyllm.gemv, "baseline": baseline}
+    empty = torch.empty(0)
+    for m in rows:  # same numbers first: an A/B of a wrong kernel would mean nothing
+        w = weights[0]
+        x = inputs[m][w.shape[1]]
+        torch.testing.assert_close(ops["baseline"](x, w, empty, empty), ops["current"](x, w, empty, empty))
+    best = {(name, m): float("inf") for name in ops for m in rows}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first round warms up and is timed too; only the fastest pass counts
+            for m in rows:
+                for name, op in ops.items():
+                    start = time.perf_counter()
+                    for w in weights:
+                        op(inputs[m][w.shape[1]], w, empty, empty)
+                    best[name, m] = min(best[name, m], time.perf_counter() - start)
+    one_row = best["baseline", rows[0]]
+    return [
+        {
+            "rows": m,
+            "current_ms": 1e3 * best["current", m],
+            "baseline_ms": 1e3 * best["baseline", m],
+            "current_vs_baseline_1_row": best["current", m] / one_row,
+            "baseline_vs_baseline_1_row": best["baseline", m] / one_row,
+            "current_vs_baseline": best["current", m] / best["baseline", m],
+        }
+        for m in rows
+    ]
+
+
 def plot_kernel(result: dict[str, Any], path: Any) -> None:
     """Left: GB/s per kernel against the measured bandwidth. Right: cost of M rows relative to one row."""
     import matplotlib
@@ -111,6 +150,11 @@ def plot_kernel(result: dict[str, Any], path: Any) -> None:
     ms = [1] + [r["rows"] for r in result["rows"]]
     right.plot(ms, [1] + [r["torch_float32_vs_1_row"] for r in result["rows"]], "o-", label="torch F.linear")
     right.plot(ms, [1] + [r["toyllm_float32_vs_1_row"] for r in result["rows"]], "o-", label="toyllm kernel")
+    if "baseline" in result:  # the interleaved A/B, both relative to the baseline's one-row pass
+        ab = result["baseline"]["rows"]
+        ab_rows = [r["rows"] for r in ab]
+        right.plot(ab_rows, [r["baseline_vs_baseline_1_row"] for r in ab], "s--", label="baseline (A/B)")
+        right.plot(ab_rows, [r["current_vs_baseline_1_row"] for r in ab], "s-", label="current (A/B)")
     right.set_xlabel("rows M (speculative verification: K + 1)")
     right.set_ylabel("time relative to one row")
     right.set_title("float32, cost of more rows")

@@ -392,12 +392,21 @@ def kernel(
     rows: Annotated[str, typer.Option("--rows", help="Comma-separated activation row counts.")] = "1,2,3,5,8,9,16",
     repeats: Repeats = 5,
     threads: Threads = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline",
+            help="Another gemv.cpp (e.g. from `git show REV:toyllm/kernels/gemv.cpp`) to time against the current "
+            "kernel, interleaved in this process (float32, the same row counts).",
+        ),
+    ] = None,
     out: Out = DEFAULT_OUT,
 ) -> None:
     """toyllm's CPU kernel alone: GB/s for float32, bfloat16 and int8 weights vs torch, and the cost of more rows."""
     import torch
 
-    from toyllm.bench.kernel import kernel_bench, plot_kernel
+    from toyllm import kernels
+    from toyllm.bench.kernel import compare_kernels, kernel_bench, plot_kernel
     from toyllm.bench.machine import describe_machine
     from toyllm.bench.report import simple_table, write_json
     from toyllm.bench.suite import BenchSettings, load
@@ -409,10 +418,14 @@ def kernel(
         raise InvalidArgumentError(f"--rows must be comma-separated integers, got '{rows}'") from None
     if counts[0] < 1 or counts[-1] > 16:
         raise InvalidArgumentError(f"--rows must be between 1 and 16 (the kernel's range), got '{rows}'")
+    baseline_op = kernels.load_baseline(baseline) if baseline is not None else None  # its errors before any work
     loaded, _ = load(BenchSettings(model=model, prompt_len=1, device="cpu", dtype="float32", threads=threads))
     result = kernel_bench(loaded, counts, repeats)
     console.print(simple_table(result["formats"], f"{model}: one pass over every Linear weight, 1 row"))
     console.print(simple_table(result["rows"], "float32, M rows vs 1 row"))
+    if baseline_op is not None:
+        result["baseline"] = {"source": str(baseline), "rows": compare_kernels(loaded, baseline_op, counts, repeats)}
+        console.print(simple_table(result["baseline"]["rows"], f"current kernel vs {baseline}, interleaved"))
     console.print(f"measured read bandwidth: {result['read_bandwidth_gb_s']:.1f} GB/s")
     payload = {"kind": "kernel", "model": model, "machine": describe_machine(torch.device("cpu")), "result": result}
     out.mkdir(parents=True, exist_ok=True)

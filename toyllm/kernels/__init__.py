@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,6 +73,52 @@ def load(verbose: bool = False) -> Any | None:
                 first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 _state["reason"] = f"building gemv.cpp failed: {first_line[:200]}"
     return _state["module"]
+
+
+def load_baseline(source: str | Path) -> Callable[..., torch.Tensor]:
+    """Build another version of gemv.cpp beside the current one and return its operator, for an A/B in one process.
+
+    Why: on a shared 2-core machine two kernel versions timed in separate runs differ by as much as the noise, so a
+    change is judged by timing both, interleaved, in the same process (`toyllm bench kernel --baseline FILE`). The
+    file's operator is registered under the namespace `toyllm_baseline` instead of `toyllm`, so both can be loaded.
+    Raises a one-line `InvalidArgumentError` for a missing or unsuitable file or a failed build.
+    """
+    import hashlib
+    import tempfile
+
+    from toyllm.errors import InvalidArgumentError
+
+    require("a baseline kernel")
+    path = Path(source)
+    if not path.is_file():
+        raise InvalidArgumentError(f"no kernel source at {path}")
+    text = path.read_text(errors="replace")
+    if "TORCH_LIBRARY(toyllm," not in text or "TORCH_LIBRARY_IMPL(toyllm," not in text:
+        raise InvalidArgumentError(f"{path} does not register the toyllm::gemv operator: is it a gemv.cpp?")
+    text = text.replace("TORCH_LIBRARY(toyllm,", "TORCH_LIBRARY(toyllm_baseline,")
+    text = text.replace("TORCH_LIBRARY_IMPL(toyllm,", "TORCH_LIBRARY_IMPL(toyllm_baseline,")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    if _state.get("baseline", digest) != digest:
+        raise InvalidArgumentError("a different baseline kernel is already loaded in this process")
+    if "baseline" not in _state:
+        build = Path(tempfile.mkdtemp(prefix="toyllm_baseline_"))
+        copy = build / f"gemv_baseline_{digest}.cpp"
+        copy.write_text(text)
+        from torch.utils.cpp_extension import load as load_extension
+
+        try:
+            load_extension(
+                name=f"toyllm_gemv_baseline_{digest}",
+                sources=[str(copy)],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InvalidArgumentError(f"building the baseline kernel {path} failed: {first_line[:200]}") from None
+        _state["baseline"] = digest
+    return torch.ops.toyllm_baseline.gemv
 
 
 def _register_fake() -> None:
