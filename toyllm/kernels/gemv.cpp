@@ -60,7 +60,7 @@ constexpr int64_t kPrefetchBytes = 8192;
 
 // One output row against R rows of x (R <= 8). U independent accumulators per x row hide the FMA latency:
 // with one accumulator every FMA would wait for the previous one (4 cycles), capping a core at 2 weights per cycle.
-// Used for a single row of x, where the loop is bound by memory and software prefetch only costs load slots.
+// Used for one or two rows of x, where the loop is bound by memory and software prefetch only costs load slots.
 template <typename W, int R, int U>
 inline void dot_rows(const W* w, const float* x, int64_t K, float* out) {
     __m256 acc[R][U];
@@ -159,10 +159,11 @@ void dot_two_outputs(const W* wrow, const float* x, int64_t M, int64_t K, float*
 template <typename W>
 void gemv_kernel(const W* w, const float* x, const float* scale, const float* bias, float* y, int64_t M, int64_t N,
                  int64_t K) {
-    // Each thread takes a contiguous block of output rows: it streams its part of W exactly once. One row of x
-    // (plain decoding) goes one output row at a time; several rows (verification, small batches) two at a time.
-    // Grain: at least 16 output rows per task, so a thread's work outweighs waking it.
-    const int64_t step = M == 1 ? 1 : 2;
+    // Each thread takes a contiguous block of output rows: it streams its part of W exactly once. One or two rows
+    // of x (plain decoding; the draft's catch-up) go one output row at a time: memory is their only limit, and in
+    // the A/B the pair path cost 2 rows about 10% more. Three or more rows (verification, small batches) go two
+    // output rows at a time. Grain: at least 16 output rows per task, so a thread's work outweighs waking it.
+    const int64_t step = M <= 2 ? 1 : 2;
     at::parallel_for(0, (N + step - 1) / step, 16 / step, [&](int64_t begin, int64_t end) {
         float out[2][kMaxRows];
         for (int64_t i = begin; i < end; ++i) {
