@@ -159,11 +159,21 @@ void dot_two_outputs(const W* wrow, const float* x, int64_t M, int64_t K, float*
 template <typename W>
 void gemv_kernel(const W* w, const float* x, const float* scale, const float* bias, float* y, int64_t M, int64_t N,
                  int64_t K) {
-    // Each thread takes a contiguous block of output rows: it streams its part of W exactly once. One or two rows
-    // of x (plain decoding; the draft's catch-up) go one output row at a time: memory is their only limit, and in
-    // the A/B the pair path cost 2 rows about 10% more. Three or more rows (verification, small batches) go two
-    // output rows at a time. Grain: at least 16 output rows per task, so a thread's work outweighs waking it.
-    const int64_t step = M <= 2 ? 1 : 2;
+    // Each thread takes a contiguous block of output rows: it streams its part of W exactly once.
+    // Grain: at least 16 output rows per task, so a thread's work outweighs waking it.
+    if (M == 1) {  // plain decoding: the hot path, one output row at a time, nothing else in the loop
+        at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+            for (int64_t n = begin; n < end; ++n) {
+                float out;
+                dot_rows<W, 1, 4>(w + n * K, x, K, &out);
+                y[n] = out * (scale ? scale[n] : 1.0f) + (bias ? bias[n] : 0.0f);
+            }
+        });
+        return;
+    }
+    // Two rows of x (the draft's catch-up) go one output row at a time: memory is their only limit, and in the A/B
+    // the pair path cost them about 10% more. Three or more (verification, small batches) go two at a time.
+    const int64_t step = M == 2 ? 1 : 2;
     at::parallel_for(0, (N + step - 1) / step, 16 / step, [&](int64_t begin, int64_t end) {
         float out[2][kMaxRows];
         for (int64_t i = begin; i < end; ++i) {
