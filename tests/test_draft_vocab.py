@@ -185,6 +185,11 @@ def test_bench_speculative_with_a_restricted_draft(capsys, tmp_path) -> None:
         assert row["outputs_match"] is True
         if row["case"] == "same":  # the unrestricted target drafting for itself accepts everything
             assert row["alpha"] == 1.0
+        seconds = row["seconds"]
+        assert 0 < seconds["prompt"] < seconds["total"]  # both models prefilled the 6-token prompts
+        decode_step = (seconds["total"] - seconds["prompt"]) / tokens
+        plain_step = results["plain"][row["case"]]["target"]["step_seconds"]
+        assert row["decode_speedup"] == pytest.approx(plain_step / decode_step)
         K, alpha, c = row["lookahead"], row["alpha"], row["cost_ratio"]
         if alpha < 1:
             expected = (1 - alpha ** (K + 1)) / ((1 - alpha) * (c * K + 1))

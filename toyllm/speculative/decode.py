@@ -262,6 +262,8 @@ class SpeculativeDecoder:
         if ids.shape[1] > 2:
             s.draft_prefills += 1
             s.draft_prefill_seconds += elapsed
+            if s.rounds == 0:  # the prompt (later ones are window slides, part of decoding)
+                s.prompt_seconds += elapsed
         return logits
 
     # -- the target --------------------------------------------------------------------------------------------
@@ -271,7 +273,8 @@ class SpeculativeDecoder:
         L, tw, s = self.length, self.target_window, self.stats
         device = self.tokens.device
         start = time.perf_counter()
-        if tw.end < L - 1:  # the prompt (or the context after a slide), without its last token
+        prefilled = tw.end < L - 1
+        if prefilled:  # the prompt (or the context after a slide), without its last token
             prefill(self.target, tw.cache, self.tokens[None, tw.end : L - 1], chunk_size=self.config.chunk_size)
             s.target_forwards += 1
         _sync(device)
@@ -282,6 +285,8 @@ class SpeculativeDecoder:
         s.target_forwards += 1
         s.target_seconds += end - start
         s.verify_seconds += end - verify_start
+        if prefilled and s.rounds == 0:  # the prompt's prefill (a slide's re-prefill later is part of decoding)
+            s.prompt_seconds += verify_start - start
         previous = valid = None
         if self.config.repetition_penalty != 1.0:
             # Row j predicts position L + j, after tokens[:L + j]: the penalty must see exactly that prefix.

@@ -26,6 +26,7 @@ class SpeculativeStats:
     verify_seconds: float = 0.0  # the verification forwards alone
     draft_seconds: float = 0.0  # all draft forwards
     draft_prefill_seconds: float = 0.0
+    prompt_seconds: float = 0.0  # both models' prefills of the prompt (first round): not decoding, see `decode_seconds`
     total_seconds: float = 0.0  # wall time of the whole generation
     lookaheads: list[int] = field(default_factory=list)  # drafts proposed, per round
     accepted_per_round: list[int] = field(default_factory=list)
@@ -57,6 +58,11 @@ class SpeculativeStats:
         return _ratio(draft_step, _ratio(self.verify_seconds, self.rounds))
 
     @property
+    def decode_seconds(self) -> float:
+        """Wall time after the prompt prefills: what the speedup formula models (it has no prompt phase)."""
+        return self.total_seconds - self.prompt_seconds
+
+    @property
     def other_seconds(self) -> float:
         """Time in neither model: sampling, acceptance tests, bookkeeping."""
         return self.total_seconds - self.target_seconds - self.draft_seconds
@@ -76,4 +82,5 @@ class SpeculativeStats:
             "target_seconds": self.target_seconds,
             "draft_seconds": self.draft_seconds,
             "other_seconds": self.other_seconds,
+            "prompt_seconds": self.prompt_seconds,
         }
