@@ -175,9 +175,25 @@ class GemvLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if usable(x, self.weight):
-            return gemv(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        w = self.weight
+        # The checks of `usable` inlined, cheapest first: this runs once per Linear per decode step, and for a small
+        # draft model the Python around the kernel costs more than the kernel itself.
+        if (
+            x.dtype == torch.float32
+            and w.dtype == torch.float32
+            and x.device.type == "cpu"
+            and w.device.type == "cpu"
+            and x.numel() <= MAX_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and w.is_contiguous()
+            and is_loaded()
+        ):
+            bias = self.bias if self.bias is not None else _EMPTY
+            y = torch.ops.toyllm.gemv(x.reshape(-1, x.shape[-1]).contiguous(), w, _EMPTY, bias)  # (M, N)
+            return y.view(*x.shape[:-1], w.shape[0])
+        if usable(x, w):  # other dtypes (bfloat16 weights, ...): the general wrapper converts
+            return gemv(x, w, self.bias)
+        return F.linear(x, w, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> GemvLinear:
