@@ -186,7 +186,8 @@ def test_bench_speculative_with_a_restricted_draft(capsys, tmp_path) -> None:
         if row["case"] == "same":  # the unrestricted target drafting for itself accepts everything
             assert row["alpha"] == 1.0
         seconds = row["seconds"]
-        assert 0 < seconds["prompt"] < seconds["total"]  # both models prefilled the 6-token prompts
+        assert 0 < seconds["prompt"] < seconds["total"]
+        assert row["prompt_forwards"] == 2 * 3  # both models filled with each of the 3 prompts, once
         decode_step = (seconds["total"] - seconds["prompt"]) / tokens
         plain_step = results["plain"][row["case"]]["target"]["step_seconds"]
         assert row["decode_speedup"] == pytest.approx(plain_step / decode_step)

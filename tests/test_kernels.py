@@ -50,7 +50,7 @@ def _weights(kind: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("k", [4, 8, 40, 768])  # 4: tail only; 40: not a multiple of the 32-wide unrolled loop
+@pytest.mark.parametrize("k", [4, 8, 12, 40, 768])  # 4: tail only; 12: 8-wide loop + tail; 40: not a multiple of 32
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 16])  # 1 row, pairs of outputs, balanced groups
 def test_gemv_equals_f_linear(kind: str, k: int, rows: int) -> None:
     torch.manual_seed(rows * 1000 + k)
@@ -62,6 +62,21 @@ def test_gemv_equals_f_linear(kind: str, k: int, rows: int) -> None:
     torch.testing.assert_close(got, F.linear(x, reference_weight, bias), rtol=1e-5, atol=1e-5 * k**0.5)
     no_bias = kernels.gemv(x, weight, None, scale)
     torch.testing.assert_close(no_bias, F.linear(x, reference_weight), rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+def test_the_operator_refuses_more_rows_than_it_has_room_for() -> None:
+    x, w, empty = torch.randn(17, 8), torch.randn(5, 8), torch.empty(0)
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        torch.ops.toyllm.gemv(x, w, empty, empty)
+
+
+def test_gemv_linear_takes_a_bias_of_another_dtype() -> None:
+    """The direct float32 path needs a float32 bias; any other goes through the converting wrapper, same numbers."""
+    layer = kernels.GemvLinear.from_linear(torch.nn.Linear(16, 9))
+    layer.bias = torch.nn.Parameter(layer.bias.detach().double(), requires_grad=False)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias.float()))
 
 
 def test_gemv_keeps_leading_dims_and_the_input_dtype() -> None:

@@ -119,15 +119,24 @@ def test_greedy_past_a_small_window_and_penalty() -> None:
         assert torch.equal(spec_generate(target, target.first_layers(2), ids, config)[0], expected)
 
 
-def test_prompt_seconds_count_only_the_prompt_prefills() -> None:
-    """`prompt_seconds` (left out of the bench's decode speedup) holds the prompt's prefills, never a slide's."""
+def test_prompt_seconds_count_each_prompt_once_and_no_slide() -> None:
+    """`prompt_seconds` (left out of the bench's decode speedup) holds each model's first fill per generation.
+
+    One `SpeculativeStats` adds up several prompts, as in the bench; the windows slide and refill many times.
+    """
     target, draft = tiny(3, n_positions=12), tiny(4, n_layer=1, n_positions=8)
     config = GenerationConfig(max_new_tokens=40, temperature=0.0, eos_token_id=None, lookahead=4, window_keep=5)
-    _, one_token = spec_generate(target, draft, torch.tensor([[7]]), config)
-    assert one_token.draft_prefills > 0  # the windows slid and were refilled ...
-    assert one_token.prompt_seconds == 0.0  # ... but a 1-token prompt needs no prefill
-    _, stats = spec_generate(target, draft, torch.arange(1, 11)[None], config)
-    assert 0 < stats.prompt_seconds < stats.draft_prefill_seconds + stats.target_seconds - stats.verify_seconds
+    stats = SpeculativeStats()
+    expected = 0
+    for length in (1, 10, 12):  # 1: the target has no prefill; 12 = the target's window: no draft in round 1
+        ids = torch.arange(1, length + 1)[None]
+        out = torch.cat([ids, *speculative_stream(target, draft, ids, config, spec_stats=stats)], dim=1)
+        assert torch.equal(out, generate(target, ids, config))
+        expected += 1 + (length > 1)  # the draft's first forward, and the target's prefill of all but one token
+        assert stats.prompt_forwards == expected
+    assert stats.draft_prefills > 3  # the windows slid and were refilled: not counted as prompt
+    prefill_seconds = stats.draft_prefill_seconds + stats.target_seconds - stats.verify_seconds
+    assert 0 < stats.prompt_seconds < prefill_seconds
     assert stats.decode_seconds == stats.total_seconds - stats.prompt_seconds
 
 

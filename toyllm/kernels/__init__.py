@@ -4,7 +4,7 @@ Why a hand-written kernel: a decode step is one matrix-vector product per weight
 weights stream from memory. On AVX2 CPUs torch's 1-row product (MKL) uses one core and about half the machine's
 read bandwidth, its bfloat16 path has no native arithmetic to use, and its int8-weight kernel is scalar code. gemv.cpp
 spreads the rows over every thread, widens bfloat16 or int8 weights to float32 in registers, and reads each weight
-once for up to 8 activation rows at a time (speculative verification scores K+1 rows). docs/decoding_performance.md
+once for up to 16 activation rows (speculative verification scores K+1 rows). docs/decoding_performance.md
 has the measurements.
 
 The kernel is built with torch's C++ extension tooling the first time it is asked for (about a minute with two cores;
@@ -101,8 +101,7 @@ def load_baseline(source: str | Path) -> Callable[..., torch.Tensor]:
     if _state.get("baseline", digest) != digest:
         raise InvalidArgumentError("a different baseline kernel is already loaded in this process")
     if "baseline" not in _state:
-        build = Path(tempfile.mkdtemp(prefix="toyllm_baseline_"))
-        copy = build / f"gemv_baseline_{digest}.cpp"
+        copy = Path(tempfile.gettempdir()) / f"toyllm_gemv_baseline_{digest}.cpp"  # same text, same path: cached build
         copy.write_text(text)
         from torch.utils.cpp_extension import load as load_extension
 
@@ -186,6 +185,7 @@ class GemvLinear(nn.Linear):
             and x.numel() <= MAX_ROWS * x.shape[-1]
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and w.is_contiguous()
+            and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous()))
             and is_loaded()
         ):
             bias = self.bias if self.bias is not None else _EMPTY

@@ -53,14 +53,16 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// How far ahead (in bytes of weights) to ask for the next weights. With two or more rows of x the loop does enough
+// How far ahead (in bytes of weights) to ask for the next weights. With several rows of x the loop does enough
 // arithmetic per byte that the hardware prefetcher alone falls behind and the core waits on memory; a software
-// prefetch about two gpt2-medium weight rows ahead keeps the stream going (docs/cpu_kernel.md has the A/B numbers).
+// prefetch 8 KB ahead (two float32 rows of a 1024-wide matrix) keeps the stream going. 4, 16 and 32 KB were no
+// better (docs/cpu_kernel.md has the A/B).
 constexpr int64_t kPrefetchBytes = 8192;
 
-// One output row against R rows of x (R <= 8). U independent accumulators per x row hide the FMA latency:
+// One output row against R rows of x (R <= 6). U independent accumulators per x row hide the FMA latency:
 // with one accumulator every FMA would wait for the previous one (4 cycles), capping a core at 2 weights per cycle.
-// Used for one or two rows of x, where the loop is bound by memory and software prefetch only costs load slots.
+// Used for one or two rows of x, where the loop is bound by memory and software prefetch only costs load slots,
+// and for the last output row of an odd N.
 template <typename W, int R, int U>
 inline void dot_rows(const W* w, const float* x, int64_t K, float* out) {
     __m256 acc[R][U];

@@ -63,6 +63,7 @@ class _Window:
         self.keep = keep  # tokens kept when the window slides
         self.cache = KVCache.for_model(model, 1, max_len=min(self.size, max_len))
         self.start = 0
+        self.primed = False  # whether the prompt went in (for SpeculativeStats.prompt_seconds)
 
     @property
     def end(self) -> int:
@@ -262,8 +263,10 @@ class SpeculativeDecoder:
         if ids.shape[1] > 2:
             s.draft_prefills += 1
             s.draft_prefill_seconds += elapsed
-            if s.rounds == 0:  # the prompt (later ones are window slides, part of decoding)
-                s.prompt_seconds += elapsed
+        if not self.draft_window.primed:  # its first forward feeds the prompt (later fills are slides: decoding)
+            self.draft_window.primed = True
+            s.prompt_forwards += 1
+            s.prompt_seconds += elapsed
         return logits
 
     # -- the target --------------------------------------------------------------------------------------------
@@ -285,8 +288,10 @@ class SpeculativeDecoder:
         s.target_forwards += 1
         s.target_seconds += end - start
         s.verify_seconds += end - verify_start
-        if prefilled and s.rounds == 0:  # the prompt's prefill (a slide's re-prefill later is part of decoding)
+        if prefilled and not tw.primed:  # the prompt's prefill (a slide's re-prefill later is part of decoding)
+            s.prompt_forwards += 1
             s.prompt_seconds += verify_start - start
+        tw.primed = True
         previous = valid = None
         if self.config.repetition_penalty != 1.0:
             # Row j predicts position L + j, after tokens[:L + j]: the penalty must see exactly that prefix.

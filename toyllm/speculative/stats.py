@@ -26,7 +26,11 @@ class SpeculativeStats:
     verify_seconds: float = 0.0  # the verification forwards alone
     draft_seconds: float = 0.0  # all draft forwards
     draft_prefill_seconds: float = 0.0
-    prompt_seconds: float = 0.0  # both models' prefills of the prompt (first round): not decoding, see `decode_seconds`
+    # Each model's first fill with the prompt, per generation: the target's prefill (the prompt but its last token)
+    # and the draft's first forward (the whole prompt; it also yields the first proposal). Not decoding, see
+    # `decode_seconds`; a window slide's refill later is decoding.
+    prompt_forwards: int = 0
+    prompt_seconds: float = 0.0
     total_seconds: float = 0.0  # wall time of the whole generation
     lookaheads: list[int] = field(default_factory=list)  # drafts proposed, per round
     accepted_per_round: list[int] = field(default_factory=list)
