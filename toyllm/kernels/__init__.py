@@ -57,22 +57,31 @@ def load(verbose: bool = False) -> Any | None:
         _state["module"] = None
         if _state["reason"] is None:
             try:
-                from torch.utils.cpp_extension import load as load_extension
-
                 if verbose:
                     print("toyllm: loading the CPU kernel (compiled on first use: about a minute)...", file=sys.stderr)
-                _state["module"] = load_extension(
-                    name="toyllm_gemv",
-                    sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],  # the same libgomp.so.1 torch already loaded: one thread pool
-                    verbose=False,
-                )
+                _state["module"] = _build("toyllm_gemv", _SOURCE)
                 _register_fake()
             except Exception as exc:  # no compiler, no ninja, a compile error: fall back to torch, say why
-                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                _state["reason"] = f"building gemv.cpp failed: {first_line[:200]}"
+                _state["reason"] = f"building gemv.cpp failed: {_first_line(exc)}"
     return _state["module"]
+
+
+def _build(name: str, source: Path) -> Any:
+    """Compile and load one gemv.cpp as the extension `name` (cached by torch under that name)."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    return load_extension(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],  # the same libgomp.so.1 torch already loaded: one thread pool
+        verbose=False,
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    """A build error's first line (compiler output can run to pages), for a one-line message."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def load_baseline(source: str | Path) -> Callable[..., torch.Tensor]:
@@ -103,19 +112,10 @@ def load_baseline(source: str | Path) -> Callable[..., torch.Tensor]:
     if "baseline" not in _state:
         copy = Path(tempfile.gettempdir()) / f"toyllm_gemv_baseline_{digest}.cpp"  # same text, same path: cached build
         copy.write_text(text)
-        from torch.utils.cpp_extension import load as load_extension
-
         try:
-            load_extension(
-                name=f"toyllm_gemv_baseline_{digest}",
-                sources=[str(copy)],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            _build(f"toyllm_gemv_baseline_{digest}", copy)
         except Exception as exc:
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InvalidArgumentError(f"building the baseline kernel {path} failed: {first_line[:200]}") from None
+            raise InvalidArgumentError(f"building the baseline kernel {path} failed: {_first_line(exc)}") from None
         _state["baseline"] = digest
     return torch.ops.toyllm_baseline.gemv
 
@@ -137,16 +137,19 @@ def is_loaded() -> bool:
     return _state.get("module") is not None
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv` applies: a loaded kernel, CPU tensors, few rows, and no gradient to track."""
+def _decode_call(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CPU tensors, few rows, and no gradient to track: a product the kernel may take instead of F.linear."""
     return (
-        is_loaded()
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
     )
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` applies: a loaded kernel, a decode-sized CPU product, a weight format it reads."""
+    return is_loaded() and _decode_call(x, weight) and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
 
 
 _EMPTY = torch.empty(0)
@@ -175,18 +178,15 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        # The checks of `usable` inlined, cheapest first: this runs once per Linear per decode step, and for a small
-        # draft model the Python around the kernel costs more than the kernel itself.
+        # Float32 all round: call the operator directly, without `gemv`'s conversions. This runs once per Linear per
+        # decode step, and for a small draft model the Python around the kernel costs more than the kernel itself.
         if (
             x.dtype == torch.float32
             and w.dtype == torch.float32
-            and x.device.type == "cpu"
-            and w.device.type == "cpu"
-            and x.numel() <= MAX_ROWS * x.shape[-1]
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and w.is_contiguous()
             and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous()))
             and is_loaded()
+            and _decode_call(x, w)
         ):
             bias = self.bias if self.bias is not None else _EMPTY
             y = torch.ops.toyllm.gemv(x.reshape(-1, x.shape[-1]).contiguous(), w, _EMPTY, bias)  # (M, N)
