@@ -40,20 +40,29 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _float32_weights(model: GPT2LMHeadModel) -> list[torch.Tensor]:
+    """Every Linear weight of `model`, as contiguous float32, in the order a decode step reads them."""
+    return [m.weight.detach().float().contiguous() for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def _activations(weights: list[torch.Tensor], rows: Sequence[int]) -> dict[int, dict[int, torch.Tensor]]:
+    """Random x for each row count and each input width: inputs[M][K] is (M, K)."""
+    return {m: {k: torch.randn(m, k) for k in {w.shape[1] for w in weights}} for m in rows}
+
+
 def kernel_bench(
     model: GPT2LMHeadModel, rows: Sequence[int] = (1, 2, 3, 5, 8, 9, 16), repeats: int = 5
 ) -> dict[str, Any]:
     """Time one pass over every Linear weight of `model` per format and per row count; see the module docstring."""
     kernels.require("toyllm bench kernel")
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    f32 = [m.weight.detach().float().contiguous() for m in linears]
+    f32 = _float32_weights(model)
     quantized = [quantize_weight(w) for w in f32]
     formats: dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {  # (weights, int8 scales)
         "float32": (f32, [None] * len(f32)),
         "bfloat16": ([w.bfloat16() for w in f32], [None] * len(f32)),
         "int8": ([q for q, _ in quantized], [s for _, s in quantized]),
     }
-    inputs = {m: {k: torch.randn(m, k) for k in {w.shape[1] for w in f32}} for m in rows}
+    inputs = _activations(f32, rows)
 
     def torch_pass(m: int) -> Callable[[], object]:
         return lambda: [torch.nn.functional.linear(inputs[m][w.shape[1]], w) for w in f32]
@@ -102,8 +111,8 @@ def compare_kernels(
     model: GPT2LMHeadModel, baseline: Callable[..., torch.Tensor], rows: Sequence[int], repeats: int
 ) -> list[dict[str, Any]]:
     """Current kernel against `baseline` (an operator from `kernels.load_baseline`), interleaved; see the docstring."""
-    weights = [m.weight.detach().float().contiguous() for m in model.modules() if isinstance(m, nn.Linear)]
-    inputs = {m: {k: torch.randn(m, k) for k in {w.shape[1] for w in weights}} for m in rows}
+    weights = _float32_weights(model)
+    inputs = _activations(weights, rows)
     ops: dict[str, Callable[..., torch.Tensor]] = {"current": torch.ops.toyllm.gemv, "baseline": baseline}
     empty = torch.empty(0)
     for m in rows:  # same numbers first: an A/B of a wrong kernel would mean nothing
