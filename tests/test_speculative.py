@@ -140,6 +140,25 @@ def test_prompt_seconds_count_each_prompt_once_and_no_slide() -> None:
     assert stats.decode_seconds == stats.total_seconds - stats.prompt_seconds
 
 
+def test_stats_total_adds_separate_runs_like_one_shared_stats() -> None:
+    """The bench keeps each prompt's fastest run and adds their stats: the sum equals one shared SpeculativeStats."""
+    target, draft = tiny(3, n_positions=12), tiny(4, n_layer=1, n_positions=8)
+    config = GenerationConfig(max_new_tokens=25, temperature=0.0, eos_token_id=None, lookahead=3, window_keep=5)
+    shared, parts = SpeculativeStats(), []
+    for length in (2, 7):
+        ids = torch.arange(1, length + 1)[None]
+        list(speculative_stream(target, draft, ids, config, spec_stats=shared))
+        parts.append(SpeculativeStats())
+        list(speculative_stream(target, draft, ids, config, spec_stats=parts[-1]))
+    total = SpeculativeStats.total(parts)
+    counts = ("rounds", "proposed", "accepted", "rejected", "new_tokens", "target_forwards", "draft_forwards")
+    for name in (*counts, "draft_prefills", "prompt_forwards", "lookaheads", "accepted_per_round"):
+        assert getattr(total, name) == getattr(shared, name), name
+    assert total.rounds > parts[0].rounds > 0 and total.new_tokens == 50
+    assert total.total_seconds == pytest.approx(parts[0].total_seconds + parts[1].total_seconds)
+    assert SpeculativeStats.total([]) == SpeculativeStats()
+
+
 # -- the acceptance rule on its own -------------------------------------------------------------------------------
 
 

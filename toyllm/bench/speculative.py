@@ -54,38 +54,39 @@ def theoretical_speedup(alpha: float, lookahead: int, cost_ratio: float, verify_
     return tokens / (cost_ratio * lookahead + verify_cost)
 
 
-def _timed_plain(
-    model: GPT2LMHeadModel, prompts: list[torch.Tensor], config: GenerationConfig
-) -> tuple[list[torch.Tensor], dict]:
-    """Plain KV decoding of every prompt; times are summed over the prompts."""
-    outs, seconds, decode_seconds, tokens, steps = [], 0.0, 0.0, 0, 0
-    for ids in prompts:
-        stats = GenerationStats()
-        start = time.perf_counter()
-        outs.append(generate(model, ids, config, stats=stats))
-        seconds += time.perf_counter() - start
-        decode_seconds += stats.decode_seconds
-        tokens += stats.new_tokens
-        steps += max(1, stats.new_tokens - 1)  # the first token comes from the prefill
-    return outs, {
+def _timed_plain(model: GPT2LMHeadModel, ids: torch.Tensor, config: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    """Plain KV decoding of one prompt: its output and times."""
+    stats = GenerationStats()
+    start = time.perf_counter()
+    out = generate(model, ids, config, stats=stats)
+    seconds = time.perf_counter() - start
+    steps = max(1, stats.new_tokens - 1)  # decode forwards: the first token comes from the prefill
+    return out, {"seconds": seconds, "decode_seconds": stats.decode_seconds, "tokens": stats.new_tokens, "steps": steps}
+
+
+def _plain_totals(runs: list[dict]) -> dict[str, float]:
+    """One plain measurement per prompt, added up."""
+    seconds = sum(r["seconds"] for r in runs)
+    return {
         "seconds": seconds,
-        "tokens_per_second": tokens / seconds,
-        "step_seconds": decode_seconds / steps,  # one decode forward (plus sampling)
+        "tokens_per_second": sum(r["tokens"] for r in runs) / seconds,
+        "step_seconds": sum(r["decode_seconds"] for r in runs) / sum(r["steps"] for r in runs),  # one decode forward
     }
 
 
 def _timed_speculative(
-    target: GPT2LMHeadModel, draft: GPT2LMHeadModel, prompts: list[torch.Tensor], config: GenerationConfig
-) -> tuple[list[torch.Tensor], SpeculativeStats, float]:
-    """Speculative decoding of every prompt; one `SpeculativeStats` adds up the counters of all of them."""
+    target: GPT2LMHeadModel, draft: GPT2LMHeadModel, ids: torch.Tensor, config: GenerationConfig
+) -> tuple[torch.Tensor, SpeculativeStats, float]:
+    """Speculative decoding of one prompt: its output (prompt first, like `generate`), counters and seconds."""
     spec = SpeculativeStats()
-    outs, seconds = [], 0.0
-    for ids in prompts:
-        start = time.perf_counter()
-        pieces = [ids, *speculative_stream(target, draft, ids, config, spec_stats=spec)]
-        outs.append(torch.cat(pieces, dim=1))
-        seconds += time.perf_counter() - start
-    return outs, spec, seconds
+    start = time.perf_counter()
+    out = torch.cat([ids, *speculative_stream(target, draft, ids, config, spec_stats=spec)], dim=1)
+    return out, spec, time.perf_counter() - start
+
+
+def _faster(best: Any, run: Any, seconds: Callable[[Any], float]) -> Any:
+    """The faster of two measurements of the same thing (the one less disturbed by other work); None counts as none."""
+    return run if best is None or seconds(run) < seconds(best) else best
 
 
 def _row(
@@ -96,9 +97,7 @@ def _row(
     seconds: float,
     plain: dict[str, float],
     c: float,
-    outs: list[torch.Tensor],
-    references: list[torch.Tensor],
-    temperature: float,
+    outputs_match: bool | None,
 ) -> dict[str, Any]:
     """One line of results: a speculative run next to the plain run it is compared with."""
     alpha = spec.alpha  # per judged draft: the alpha of the formula
@@ -133,7 +132,7 @@ def _row(
             "other": spec.other_seconds,
             "prompt": spec.prompt_seconds,
         },
-        "outputs_match": all(map(torch.equal, outs, references)) if temperature == 0 else None,
+        "outputs_match": outputs_match,
     }
 
 
@@ -167,8 +166,8 @@ def run_speculative_bench(
     Each of the `prompts` prompts is `prompt_tokens` random token ids (seeded), or a window of `prompt_file`'s text
     (trained models agree far more often on real text): one prompt is its last `prompt_tokens` tokens; several are
     spread evenly over its last 5%, the held-out tail that `toyllm prepare` makes the validation split. Times and
-    counts add up over the prompts. Each timing keeps the fastest of `repeats`. EOS is ignored, so every run makes
-    `max_new_tokens`.
+    counts add up over the prompts; each prompt's time in each mode is the fastest of `repeats`. EOS is ignored, so
+    every run makes `max_new_tokens`.
     threads: torch CPU threads (None leaves torch's default). kernels: decode both models through toyllm's CPU
     kernel, which reads each weight once for all K + 1 verified rows (toyllm/kernels).
     draft_vocab: restrict the `draft` and `self` drafts' output to this many tokens, the most frequent in
@@ -239,29 +238,37 @@ def run_speculative_bench(
     with torch.inference_mode():
         target_model(prompt_ids[0][:, :8])  # warm-up: first-call allocations must not land in the first timing
     rows, plain_runs = [], {}
+    P = len(prompt_ids)
     for case, model in drafts.items():
-        # Plain decoding is timed again for each case, and every repeat times plain and speculative decoding one
-        # after the other: on a shared machine the speed drifts over minutes, and only numbers measured side by side
-        # make a fair ratio. Each measurement keeps its fastest repeat (the one least disturbed by other work).
-        say(f"case {case}: plain decoding of the target and the draft, then speculative; {repeats} time(s)")
-        plain: dict[str, float] = {}
-        draft_plain: dict[str, float] = {}
-        best: dict[int, tuple[list[torch.Tensor], SpeculativeStats, float]] = {}
+        # Plain decoding is timed again for each case, and each prompt is decoded plainly and then speculatively at
+        # every K, back to back: on a shared machine the speed drifts within seconds, and only numbers measured side
+        # by side make a fair ratio. Each (prompt, mode) keeps its fastest repeat (the one least disturbed by other
+        # work), and the totals add those up over the prompts.
+        say(f"case {case}: each prompt decoded plainly (target and draft), then speculatively; {repeats} time(s)")
+        plain: list[Any] = [None] * P
+        draft_plain: list[Any] = [None] * P
+        best: dict[int, list[Any]] = {K: [None] * P for K in lookaheads}
+        matches = {K: True for K in lookaheads}
         for _ in range(repeats):
-            references, run = _timed_plain(target_model, prompt_ids, config())
-            plain = min(plain or run, run, key=lambda r: r["seconds"])
-            if case != "same":
-                run = _timed_plain(model, prompt_ids, config())[1]
-                draft_plain = min(draft_plain or run, run, key=lambda r: r["seconds"])
-            for K in lookaheads:
-                timed = _timed_speculative(target_model, model, prompt_ids, config(K))
-                best[K] = min(best.get(K, timed), timed, key=lambda t: t[2])
-        draft_plain = plain if case == "same" else draft_plain
-        plain_runs[case] = {"target": plain, "draft": draft_plain}
-        c = draft_plain["step_seconds"] / plain["step_seconds"]
+            for i, ids in enumerate(prompt_ids):
+                reference, run = _timed_plain(target_model, ids, config())
+                plain[i] = _faster(plain[i], run, lambda r: r["seconds"])
+                if case != "same":
+                    draft_run = _timed_plain(model, ids, config())[1]
+                    draft_plain[i] = _faster(draft_plain[i], draft_run, lambda r: r["seconds"])
+                for K in lookaheads:
+                    out, spec, seconds = _timed_speculative(target_model, model, ids, config(K))
+                    matches[K] = matches[K] and torch.equal(out, reference)  # every run, not only the fastest
+                    best[K][i] = _faster(best[K][i], (spec, seconds), lambda t: t[1])
+        target_totals = _plain_totals(plain)
+        draft_totals = target_totals if case == "same" else _plain_totals(draft_plain)
+        plain_runs[case] = {"target": target_totals, "draft": draft_totals}
+        c = draft_totals["step_seconds"] / target_totals["step_seconds"]
         for K in lookaheads:
-            outs, spec, seconds = best[K]
-            rows.append(_row(case, names[case], K, spec, seconds, plain, c, outs, references, temperature))
+            spec = SpeculativeStats.total(t[0] for t in best[K])
+            seconds = sum(t[1] for t in best[K])
+            match = matches[K] if temperature == 0 else None
+            rows.append(_row(case, names[case], K, spec, seconds, target_totals, c, match))
     results: dict[str, Any] = {
         "machine": describe_machine(dev),
         "settings": {

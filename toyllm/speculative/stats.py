@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 
 
 def _ratio(a: float, b: float) -> float:
@@ -34,6 +35,18 @@ class SpeculativeStats:
     total_seconds: float = 0.0  # wall time of the whole generation
     lookaheads: list[int] = field(default_factory=list)  # drafts proposed, per round
     accepted_per_round: list[int] = field(default_factory=list)
+
+    @classmethod
+    def total(cls, parts: Iterable[SpeculativeStats]) -> SpeculativeStats:
+        """The counters of several generations added up (lists joined), as if one `SpeculativeStats` had seen them all.
+
+        Why: a benchmark keeps each prompt's fastest run, so the runs it reports were counted separately.
+        """
+        out = cls()
+        for part in parts:
+            for f in fields(cls):
+                setattr(out, f.name, getattr(out, f.name) + getattr(part, f.name))
+        return out
 
     @property
     def acceptance_rate(self) -> float:
