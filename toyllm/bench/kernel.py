@@ -11,7 +11,8 @@ larger than the CPU's caches):
 
 With a baseline (another version of gemv.cpp, `compare_kernels`), the current and baseline kernels are timed
 interleaved, pass by pass, on float32 weights for each row count, and each keeps its fastest pass: the A/B by which
-changes to the kernel are judged on a noisy machine.
+changes to the kernel are judged on a noisy machine. `compare_huge_pages` is the same A/B for one kernel on two
+copies of the weights, one in 2 MB huge pages (toyllm/hugepages.py) and one in ordinary 4 KB pages.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from toyllm import kernels
+from toyllm import hugepages, kernels
 from toyllm.bench.machine import measure_read_bandwidth
 from toyllm.errors import InvalidArgumentError
 from toyllm.gpt2.model import GPT2LMHeadModel
@@ -107,42 +108,76 @@ def kernel_bench(
     }
 
 
+def _interleaved(
+    variants: dict[str, tuple[Callable[..., torch.Tensor], list[torch.Tensor]]],
+    inputs: dict[int, dict[int, torch.Tensor]],
+    rows: Sequence[int],
+    repeats: int,
+) -> dict[tuple[str, int], float]:
+    """The fastest pass of each variant (operator, weights) per row count, the variants timed in alternating order."""
+    empty = torch.empty(0)
+    best = {(name, m): float("inf") for name in variants for m in rows}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):  # the first round warms up and is timed too; only the fastest pass counts
+            for m in rows:
+                order = list(variants.items())
+                for name, (op, weights) in order if round_ % 2 else order[::-1]:  # alternate who goes first
+                    start = time.perf_counter()
+                    for w in weights:
+                        op(inputs[m][w.shape[1]], w, empty, empty)
+                    best[name, m] = min(best[name, m], time.perf_counter() - start)
+    return best
+
+
+def _ab_rows(best: dict[tuple[str, int], float], a: str, b: str, rows: Sequence[int]) -> list[dict[str, Any]]:
+    """Variant `a` against variant `b` per row count, both also relative to b's first row count."""
+    one_row = best[b, rows[0]]
+    return [
+        {
+            "rows": m,
+            f"{a}_ms": 1e3 * best[a, m],
+            f"{b}_ms": 1e3 * best[b, m],
+            f"{a}_vs_{b}_1_row": best[a, m] / one_row,
+            f"{b}_vs_{b}_1_row": best[b, m] / one_row,
+            f"{a}_vs_{b}": best[a, m] / best[b, m],
+        }
+        for m in rows
+    ]
+
+
 def compare_kernels(
     model: GPT2LMHeadModel, baseline: Callable[..., torch.Tensor], rows: Sequence[int], repeats: int
 ) -> list[dict[str, Any]]:
     """Current kernel against `baseline` (an operator from `kernels.load_baseline`), interleaved; see the docstring."""
     weights = _float32_weights(model)
     inputs = _activations(weights, rows)
-    ops: dict[str, Callable[..., torch.Tensor]] = {"current": torch.ops.toyllm.gemv, "baseline": baseline}
+    current = torch.ops.toyllm.gemv
     empty = torch.empty(0)
     for m in rows:  # same numbers first: an A/B of a wrong kernel would mean nothing
         for w in {w.shape: w for w in weights}.values():  # one matrix of each shape
             x = inputs[m][w.shape[1]]
-            got, want = ops["baseline"](x, w, empty, empty), ops["current"](x, w, empty, empty)
+            got, want = baseline(x, w, empty, empty), current(x, w, empty, empty)
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * w.shape[1] ** 0.5):
                 raise InvalidArgumentError(f"the baseline kernel's numbers differ from the current kernel's ({m} rows)")
-    best = {(name, m): float("inf") for name in ops for m in rows}
-    with torch.inference_mode():
-        for round_ in range(repeats + 1):  # the first round warms up and is timed too; only the fastest pass counts
-            for m in rows:
-                order = list(ops.items())
-                for name, op in order if round_ % 2 else order[::-1]:  # alternate who goes first
-                    start = time.perf_counter()
-                    for w in weights:
-                        op(inputs[m][w.shape[1]], w, empty, empty)
-                    best[name, m] = min(best[name, m], time.perf_counter() - start)
-    one_row = best["baseline", rows[0]]
-    return [
-        {
-            "rows": m,
-            "current_ms": 1e3 * best["current", m],
-            "baseline_ms": 1e3 * best["baseline", m],
-            "current_vs_baseline_1_row": best["current", m] / one_row,
-            "baseline_vs_baseline_1_row": best["baseline", m] / one_row,
-            "current_vs_baseline": best["current", m] / best["baseline", m],
-        }
-        for m in rows
-    ]
+    best = _interleaved({"current": (current, weights), "baseline": (baseline, weights)}, inputs, rows, repeats)
+    return _ab_rows(best, "current", "baseline", rows)
+
+
+def compare_huge_pages(model: GPT2LMHeadModel, rows: Sequence[int], repeats: int) -> list[dict[str, Any]]:
+    """The kernel on the same float32 weights in 2 MB huge pages and in ordinary 4 KB pages, interleaved.
+
+    Raises a one-line error where the system has no transparent huge pages to give (toyllm/hugepages.py).
+    """
+    if not hugepages.available():
+        raise InvalidArgumentError("--huge-pages needs Linux transparent huge pages set to 'always' or 'madvise'")
+    small = [w.clone() for w in _float32_weights(model)]  # fresh memory: 4 KB pages unless the setting is `always`
+    holder = nn.ParameterList([nn.Parameter(w.clone(), requires_grad=False) for w in small])
+    hugepages.use_huge_pages(holder)
+    huge = [p.data for p in holder]
+    inputs = _activations(small, rows)
+    op = torch.ops.toyllm.gemv
+    best = _interleaved({"huge": (op, huge), "small": (op, small)}, inputs, rows, repeats)
+    return _ab_rows(best, "huge", "small", rows)
 
 
 def plot_kernel(result: dict[str, Any], path: Any) -> None:
@@ -168,6 +203,11 @@ def plot_kernel(result: dict[str, Any], path: Any) -> None:
         ab_rows = [r["rows"] for r in ab]
         right.plot(ab_rows, [r["baseline_vs_baseline_1_row"] for r in ab], "s--", label="baseline (A/B)")
         right.plot(ab_rows, [r["current_vs_baseline_1_row"] for r in ab], "s-", label="current (A/B)")
+    if "huge_pages" in result:  # the page-size A/B, both relative to 4 KB pages' one-row pass
+        hp = result["huge_pages"]["rows"]
+        hp_rows = [r["rows"] for r in hp]
+        right.plot(hp_rows, [r["small_vs_small_1_row"] for r in hp], "^--", label="4 KB pages (A/B)")
+        right.plot(hp_rows, [r["huge_vs_small_1_row"] for r in hp], "^-", label="2 MB huge pages (A/B)")
     right.set_xlabel("rows M (speculative verification: K + 1)")
     right.set_ylabel("time relative to one row")
     right.set_title("float32, cost of more rows")

