@@ -67,6 +67,17 @@ def test_a_large_weight_is_advised_for_huge_pages() -> None:
     assert layer.bias.data_ptr() == bias_pointer  # under min_bytes: left where it was
 
 
+@needs_thp
+def test_int8_weights_which_are_buffers_move_too() -> None:
+    from toyllm.quantize import Int8Linear
+
+    layer = Int8Linear.from_linear(torch.nn.Linear(2048, 2048))  # a 4 MB int8 weight buffer
+    x = torch.randn(3, 2048)
+    expected = layer(x)
+    assert hugepages.use_huge_pages(layer) == 2048 * 2048
+    assert layer.weight.data_ptr() % hugepages.HUGE_PAGE == 0 and torch.equal(layer(x), expected)
+
+
 def test_without_huge_pages_nothing_moves(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hugepages, "setting", lambda: "never")
     layer = torch.nn.Linear(1024, 1536)
