@@ -65,17 +65,28 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
     GPT-2's tied lm_head makes the token embedding count as read: the output projection multiplies by all of it.
     Packed layers hold opaque weights and say how many bytes those are in `packed_bytes`.
     """
-    everything: dict[int, int] = {}
-    streamed: dict[int, int] = {}
+    packed = 0
+    everything: set[tuple[int, int]] = set()  # (start, end) byte addresses: shared or overlapping tensors count once
+    streamed: set[tuple[int, int]] = set()
     for module in model.modules():
         if isinstance(module, PackedLinear):
-            everything[id(module)] = streamed[id(module)] = module.packed_bytes
+            packed += module.packed_bytes
         for t in chain(module.parameters(recurse=False), module.buffers(recurse=False)):
-            key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-            everything[key] = size
+            span = (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())  # the tensor, not all its storage
+            everything.add(span)
             if not isinstance(module, nn.Embedding):
-                streamed[key] = size
-    return sum(everything.values()), sum(streamed.values())
+                streamed.add(span)
+    return packed + _covered(everything), packed + _covered(streamed)
+
+
+def _covered(spans: set[tuple[int, int]]) -> int:
+    """Bytes covered by the union of [start, end) spans."""
+    total, reach = 0, 0
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
