@@ -38,18 +38,19 @@ def test_moved_weights_keep_values_ties_outputs_and_checkpoints(tmp_path: Path) 
     big = max(model.parameters(), key=lambda p: p.numel())
     kept = big  # the same Parameter object afterwards
 
-    moved = hugepages.use_huge_pages(model, min_bytes=1 << 16)
+    assert big.numel() * big.element_size() >= hugepages.HUGE_PAGE  # the tied embedding: whole huge pages
+    moved = hugepages.use_huge_pages(model)
     assert moved >= big.numel() * big.element_size()
     assert kept is max(model.parameters(), key=lambda p: p.numel())
     assert big.data_ptr() % hugepages.HUGE_PAGE == 0
-    if big.numel() * big.element_size() >= hugepages.HUGE_PAGE:
-        assert "hg" in _vm_flags(big.data_ptr())  # madvise(MADV_HUGEPAGE) reached the kernel
-    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert "hg" in _vm_flags(big.data_ptr())  # madvise(MADV_HUGEPAGE) reached the kernel
+    assert hugepages.huge_page_bytes([big]) > 0  # and Linux backed it with huge pages
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still one tensor
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     with torch.no_grad():
         assert torch.equal(model(ids), logits)
-    assert hugepages.use_huge_pages(model, min_bytes=1 << 16) == 0  # already moved: not copied again
+    assert hugepages.use_huge_pages(model) == 0  # already moved: not copied again
 
     model.save_pretrained(tmp_path)
     again = GPT2LMHeadModel.from_pretrained(str(tmp_path))
@@ -78,8 +79,33 @@ def test_int8_weights_which_are_buffers_move_too() -> None:
     assert layer.weight.data_ptr() % hugepages.HUGE_PAGE == 0 and torch.equal(layer(x), expected)
 
 
-def test_without_huge_pages_nothing_moves(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hugepages, "setting", lambda: "never")
+@needs_thp
+def test_moved_under_inference_mode_the_weights_can_still_train() -> None:
+    layer = torch.nn.Linear(1024, 1024)
+    with torch.inference_mode():
+        assert hugepages.use_huge_pages(layer) == 1024 * 1024 * 4
+    layer(torch.randn(2, 1024)).sum().backward()  # an inference tensor would refuse to join autograd
+    assert layer.weight.grad is not None
+
+
+@needs_thp
+def test_the_cpu_kernel_puts_weights_in_huge_pages() -> None:
+    from toyllm import kernels
+
+    if kernels._why_not_supported() is not None:
+        pytest.skip(f"no CPU kernel here: {kernels._why_not_supported()}")
+    model = GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).eval()
+    kernels.use_cpu_kernels(model)
+    assert model.lm_head.weight.data_ptr() % hugepages.HUGE_PAGE == 0
+    assert "hg" in _vm_flags(model.lm_head.weight.data_ptr())
+
+
+@pytest.mark.parametrize("how", ["setting", "environment"])
+def test_without_huge_pages_nothing_moves(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    if how == "setting":
+        monkeypatch.setattr(hugepages, "setting", lambda: "never")
+    else:
+        monkeypatch.setenv("TOYLLM_HUGEPAGES", "0")
     layer = torch.nn.Linear(1024, 1536)
     pointer = layer.weight.data_ptr()
     assert not hugepages.available()
@@ -96,6 +122,7 @@ def test_bench_kernel_huge_pages_ab(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert run_app([*args, "--huge-pages"]) == 0
     ab = json.loads((tmp_path / "kernel.json").read_text())["result"]["huge_pages"]
     assert ab["setting"] == hugepages.setting()
+    assert ab["huge_page_bytes"]["small"] == 0 < ab["huge_page_bytes"]["huge"] <= ab["weight_bytes"] + (2 << 20)
     assert [r["rows"] for r in ab["rows"]] == [1, 3] and ab["rows"][0]["small_vs_small_1_row"] == 1.0
     assert all(r["huge_ms"] > 0 and r["small_ms"] > 0 for r in ab["rows"])
 

@@ -8,22 +8,31 @@ reference machine (`toyllm bench kernel --huge-pages`, docs/cpu_kernel.md), a pa
 weights in huge pages took 0.80 to 0.95 of the time with one row of activations, and 0.87 to 0.89 with 5 or 9.
 
 Linux gives an allocation huge pages when the system setting allows it (`always`, or `madvise` plus an madvise call
-on the range, which is what this module makes). Elsewhere `use_huge_pages` changes nothing.
+on the range, which is what this module makes) and it has free 2 MB blocks; `huge_page_bytes` says how much it gave.
+Elsewhere, or with `TOYLLM_HUGEPAGES=0`, `use_huge_pages` changes nothing.
+
+A moved tensor is a view into a buffer 2 MB larger than itself (room to start at a 2 MB boundary). safetensors
+checkpoints (`save_pretrained`) store only the tensor; `torch.save` and `copy.deepcopy` would copy the whole buffer.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20  # bytes: x86-64's transparent huge page
-MADV_HUGEPAGE = 14  # from <sys/mman.h>
+MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15  # from <sys/mman.h>
 _SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# Tensors already moved, by id (a self-speculative draft shares the target's layers, so they come twice). A weak
+# reference, checked for identity, tells a live tensor from a dead one whose id was reused.
+_moved: dict[int, weakref.ref[torch.Tensor]] = {}
 
 
 def setting() -> str | None:
@@ -38,28 +47,33 @@ def setting() -> str | None:
 
 
 def available() -> bool:
-    """Whether this system grants transparent huge pages to a range that asks for them."""
-    return setting() in ("always", "madvise")
+    """Whether this system grants transparent huge pages to a range that asks for them (and toyllm may ask)."""
+    return os.environ.get("TOYLLM_HUGEPAGES", "1") != "0" and setting() in ("always", "madvise")
 
 
-def _huge_copy(tensor: torch.Tensor) -> torch.Tensor | None:
-    """A copy of `tensor` whose whole 2 MB pages are marked for huge pages; None where madvise refuses."""
+def _madvise(address: int, length: int, advice: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) == 0
+
+
+def aligned_copy(tensor: torch.Tensor, huge: bool = True) -> torch.Tensor | None:
+    """A copy of `tensor` starting at a 2 MB boundary, its whole 2 MB pages advised for huge pages (or, with
+    `huge=False`, against them: the 4 KB side of an A/B); None where madvise refuses."""
     nbytes = tensor.numel() * tensor.element_size()
     buffer = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # room to start at a 2 MB boundary
     start = -buffer.data_ptr() % HUGE_PAGE  # offset of the first boundary; the bytes before it are never touched
     whole = nbytes // HUGE_PAGE * HUGE_PAGE  # only whole huge pages: the tail stays in 4 KB pages, nothing is wasted
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(buffer.data_ptr() + start), ctypes.c_size_t(whole), MADV_HUGEPAGE) != 0:
+    if not _madvise(buffer.data_ptr() + start, whole, MADV_HUGEPAGE if huge else MADV_NOHUGEPAGE):
         return None
     copy = buffer[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
-    copy.copy_(tensor)  # the first write faults the pages in: now as huge pages
+    copy.copy_(tensor)  # the first write faults the pages in, as huge pages where the system has free 2 MB blocks
     return copy
 
 
 @torch.no_grad()
-def use_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
-    """Move every contiguous CPU parameter and buffer (int8 weights are buffers) of at least `min_bytes` into
-    huge-page memory, in place; return the bytes moved.
+def use_huge_pages(model: nn.Module) -> int:
+    """Move every contiguous CPU parameter and buffer (int8 weights are buffers) that spans at least one whole
+    huge page into huge-page memory, in place; return the bytes moved.
 
     The tensor objects stay the same (only `.data` changes), so tied weights stay tied and an optimizer built
     earlier still holds them. Returns 0 where huge pages are unavailable.
@@ -67,15 +81,40 @@ def use_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     if not available():
         return 0
     moved = 0
-    for param in itertools.chain(model.parameters(), model.buffers()):  # each shared tensor once
-        nbytes = param.numel() * param.element_size()
-        if param.device.type != "cpu" or nbytes < min_bytes or not param.is_contiguous():
-            continue
-        if param.data_ptr() % HUGE_PAGE == 0:  # moved already (a self-speculative draft shares the target's layers)
-            continue
-        copy = _huge_copy(param.data)
-        if copy is None:
-            return moved
-        param.data = copy
-        moved += nbytes
+    with torch.inference_mode(False):  # called under inference_mode, the copies would be inference-only tensors
+        for tensor in itertools.chain(model.parameters(), model.buffers()):  # each shared tensor once
+            nbytes = tensor.numel() * tensor.element_size()
+            done = _moved.get(id(tensor))
+            if tensor.device.type != "cpu" or nbytes < HUGE_PAGE or not tensor.is_contiguous():
+                continue
+            if done is not None and done() is tensor:
+                continue
+            copy = aligned_copy(tensor.data)
+            if copy is None:
+                return moved
+            tensor.data = copy
+            _moved[id(tensor)] = weakref.ref(tensor)
+            moved += nbytes
     return moved
+
+
+def huge_page_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of huge pages backing the memory mappings that hold `tensors` (/proc/self/smaps `AnonHugePages`).
+
+    Why: madvise only asks. Linux falls back to 4 KB pages without a word when it has no free 2 MB blocks, so a
+    measurement that claims huge pages should check that it got them. 0 off Linux.
+    """
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    pointers = sorted(t.data_ptr() for t in tensors)
+    total, holds = 0, False
+    for line in lines:
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms offset ..."
+            begin, end = (int(x, 16) for x in head.split("-"))
+            holds = any(begin <= ptr < end for ptr in pointers)
+        elif holds and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1]) * 1024
+    return total

@@ -163,21 +163,29 @@ def compare_kernels(
     return _ab_rows(best, "current", "baseline", rows)
 
 
-def compare_huge_pages(model: GPT2LMHeadModel, rows: Sequence[int], repeats: int) -> list[dict[str, Any]]:
-    """The kernel on the same float32 weights in 2 MB huge pages and in ordinary 4 KB pages, interleaved.
+def compare_huge_pages(model: GPT2LMHeadModel, rows: Sequence[int], repeats: int) -> dict[str, Any]:
+    """The kernel on two 2 MB-aligned copies of the same float32 weights, one advised for 2 MB huge pages and one
+    against them (4 KB pages), interleaved. Reports how many bytes of each copy Linux really backed with huge pages.
 
     Raises a one-line error where the system has no transparent huge pages to give (toyllm/hugepages.py).
     """
     if not hugepages.available():
         raise InvalidArgumentError("--huge-pages needs Linux transparent huge pages set to 'always' or 'madvise'")
-    small = [w.clone() for w in _float32_weights(model)]  # fresh memory: 4 KB pages unless the setting is `always`
-    holder = nn.ParameterList([nn.Parameter(w.clone(), requires_grad=False) for w in small])
-    hugepages.use_huge_pages(holder)
-    huge = [p.data for p in holder]
-    inputs = _activations(small, rows)
+    weights = _float32_weights(model)
+    copies = {name: [hugepages.aligned_copy(w, huge=name == "huge") for w in weights] for name in ("huge", "small")}
+    if any(c is None for side in copies.values() for c in side):
+        raise InvalidArgumentError("madvise refused to mark the weights' memory for or against huge pages")
+    huge = [c for c in copies["huge"] if c is not None]  # (all of them: checked above)
+    small = [c for c in copies["small"] if c is not None]
+    inputs = _activations(weights, rows)
     op = torch.ops.toyllm.gemv
     best = _interleaved({"huge": (op, huge), "small": (op, small)}, inputs, rows, repeats)
-    return _ab_rows(best, "huge", "small", rows)
+    return {
+        "setting": hugepages.setting(),
+        "weight_bytes": sum(w.numel() * w.element_size() for w in weights),
+        "huge_page_bytes": {"huge": hugepages.huge_page_bytes(huge), "small": hugepages.huge_page_bytes(small)},
+        "rows": _ab_rows(best, "huge", "small", rows),
+    }
 
 
 def plot_kernel(result: dict[str, Any], path: Any) -> None:

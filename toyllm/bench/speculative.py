@@ -240,26 +240,32 @@ def run_speculative_bench(
     rows, plain_runs = [], {}
     P = len(prompt_ids)
     for case, model in drafts.items():
-        # Plain decoding is timed again for each case, and each prompt is decoded plainly and then speculatively at
-        # every K, back to back: on a shared machine the speed drifts within seconds, and only numbers measured side
-        # by side make a fair ratio. Each (prompt, mode) keeps its fastest repeat (the one least disturbed by other
-        # work), and the totals add those up over the prompts.
+        # Plain decoding is timed again for each case, and each prompt is decoded plainly and speculatively at every
+        # K back to back, in the reverse order every other repeat: on a shared machine the speed drifts within
+        # seconds, so the modes being compared should sample the same stretch of it. Each (prompt, mode) keeps its
+        # fastest repeat (the one least disturbed by other work), and the totals add those up.
         say(f"case {case}: each prompt decoded plainly (target and draft), then speculatively; {repeats} time(s)")
         plain: list[Any] = [None] * P
         draft_plain: list[Any] = [None] * P
         best: dict[int, list[Any]] = {K: [None] * P for K in lookaheads}
         matches = {K: True for K in lookaheads}
-        for _ in range(repeats):
+        tasks: list[str | int] = ["plain", *(["draft"] if case != "same" else []), *lookaheads]
+        for repeat in range(repeats):
             for i, ids in enumerate(prompt_ids):
-                reference, run = _timed_plain(target_model, ids, config())
-                plain[i] = _faster(plain[i], run, lambda r: r["seconds"])
-                if case != "same":
-                    draft_run = _timed_plain(model, ids, config())[1]
-                    draft_plain[i] = _faster(draft_plain[i], draft_run, lambda r: r["seconds"])
-                for K in lookaheads:
-                    out, spec, seconds = _timed_speculative(target_model, model, ids, config(K))
-                    matches[K] = matches[K] and torch.equal(out, reference)  # every run, not only the fastest
-                    best[K][i] = _faster(best[K][i], (spec, seconds), lambda t: t[1])
+                outputs: dict[int, torch.Tensor] = {}
+                for task in tasks if repeat % 2 == 0 else tasks[::-1]:
+                    if task == "plain":
+                        reference, run = _timed_plain(target_model, ids, config())
+                        plain[i] = _faster(plain[i], run, lambda r: r["seconds"])
+                    elif task == "draft":
+                        draft_run = _timed_plain(model, ids, config())[1]
+                        draft_plain[i] = _faster(draft_plain[i], draft_run, lambda r: r["seconds"])
+                    else:
+                        K = int(task)
+                        outputs[K], spec, seconds = _timed_speculative(target_model, model, ids, config(K))
+                        best[K][i] = _faster(best[K][i], (spec, seconds), lambda t: t[1])
+                for K, out in outputs.items():  # every run, not only the fastest
+                    matches[K] = matches[K] and torch.equal(out, reference)
         target_totals = _plain_totals(plain)
         draft_totals = target_totals if case == "same" else _plain_totals(draft_plain)
         plain_runs[case] = {"target": target_totals, "draft": draft_totals}

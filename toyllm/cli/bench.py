@@ -437,8 +437,13 @@ def kernel(
         result["baseline"] = {"source": str(baseline), "rows": compare_kernels(loaded, baseline_op, counts, repeats)}
         console.print(simple_table(result["baseline"]["rows"], f"current kernel vs {baseline}, interleaved"))
     if huge_pages:
-        result["huge_pages"] = {"setting": hugepages.setting(), "rows": compare_huge_pages(loaded, counts, repeats)}
-        console.print(simple_table(result["huge_pages"]["rows"], "weights in 2 MB vs 4 KB pages, interleaved"))
+        result["huge_pages"] = pages = compare_huge_pages(loaded, counts, repeats)
+        console.print(simple_table(pages["rows"], "weights in 2 MB vs 4 KB pages, interleaved"))
+        backed = pages["huge_page_bytes"]
+        console.print(
+            f"huge pages granted: {backed['huge'] / 2**20:.0f} MiB under the huge copy, {backed['small'] / 2**20:.0f} "
+            f"MiB under the 4 KB copy, of {pages['weight_bytes'] / 2**20:.0f} MiB of weights each"
+        )
     console.print(f"measured read bandwidth: {result['read_bandwidth_gb_s']:.1f} GB/s")
     payload = {"kind": "kernel", "model": model, "machine": describe_machine(torch.device("cpu")), "result": result}
     out.mkdir(parents=True, exist_ok=True)
