@@ -5,7 +5,7 @@ it touches needs an entry in the TLB, the cache of virtual-to-physical translati
 TLB (a few thousand entries) covers only about 8 MB, far less than a model, so a new page every 4 KB costs a page walk
 that competes with the weights for memory. One 2 MB huge page covers 512 small ones. In interleaved A/Bs on the
 reference machine (`toyllm bench kernel --huge-pages`, docs/cpu_kernel.md), a pass of the kernel over the same
-weights in huge pages took 0.80 to 0.95 of the time with one row of activations, and 0.87 to 0.89 with 5 or 9.
+weights in huge pages took 0.80 to 0.96 of the time with one row of activations, and 0.87 to 0.92 with 5 or 9.
 
 Linux gives an allocation huge pages when the system setting allows it (`always`, or `madvise` plus an madvise call
 on the range, which is what this module makes) and it has free 2 MB blocks; `huge_page_bytes` says how much it gave.

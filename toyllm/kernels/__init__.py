@@ -232,7 +232,7 @@ def use_cpu_kernels(model: ModuleT, verbose: bool = False) -> ModuleT:
     """Route every `nn.Linear` and `Int8Linear` of `model` (in place) through the kernel.
 
     Also moves the large weights into 2 MB huge pages where Linux allows (toyllm/hugepages.py): the kernel streams
-    them every step, and with fewer page walks a pass took 0.80 to 0.95 of the time in the A/Bs of
+    them every step, and with fewer page walks a pass took 0.80 to 0.96 of the time in the A/Bs of
     `toyllm bench kernel --huge-pages`.
     Returns the model. Builds the kernel if needed; where it cannot be had, the model is left as it was and
     `unavailable_reason()` says why, so callers can report it rather than silently measure something else.
