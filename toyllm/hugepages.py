@@ -5,7 +5,7 @@ it touches needs an entry in the TLB, the cache of virtual-to-physical translati
 TLB (a few thousand entries) covers only about 8 MB, far less than a model, so a new page every 4 KB costs a page walk
 that competes with the weights for memory. One 2 MB huge page covers 512 small ones. In interleaved A/Bs on the
 reference machine (`toyllm bench kernel --huge-pages`, docs/cpu_kernel.md), a pass of the kernel over the same
-weights in huge pages took 0.80 to 0.96 of the time with one row of activations, and 0.87 to 0.92 with 5 or 9.
+weights in huge pages took 0.80 to 0.96 of the time with one row of activations, and 0.87 to 0.95 with 5 or 9.
 
 Linux gives an allocation huge pages when the system setting allows it (`always`, or `madvise` plus an madvise call
 on the range, which is what this module makes) and it has free 2 MB blocks; `huge_page_bytes` says how much it gave.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import mmap
 import os
 import sys
 import weakref
@@ -60,7 +61,12 @@ def aligned_copy(tensor: torch.Tensor, huge: bool = True) -> torch.Tensor | None
     """A copy of `tensor` starting at a 2 MB boundary, its whole 2 MB pages advised for huge pages (or, with
     `huge=False`, against them: the 4 KB side of an A/B); None where madvise refuses."""
     nbytes = tensor.numel() * tensor.element_size()
-    buffer = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # room to start at a 2 MB boundary
+    # A fresh private anonymous mapping, not torch.empty: malloc may hand back memory that earlier work already
+    # faulted in (as 4 KB or as huge pages), and madvise does not change pages that already exist. (Private: shared
+    # anonymous memory follows another setting, shmem_enabled.) The tensor keeps the mapping alive; it is unmapped
+    # when the last view of it goes. 2 MB more than needed: room to start at a 2 MB boundary.
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = torch.frombuffer(region, dtype=torch.uint8)
     start = -buffer.data_ptr() % HUGE_PAGE  # offset of the first boundary; the bytes before it are never touched
     whole = nbytes // HUGE_PAGE * HUGE_PAGE  # only whole huge pages: the tail stays in 4 KB pages, nothing is wasted
     if not _madvise(buffer.data_ptr() + start, whole, MADV_HUGEPAGE if huge else MADV_NOHUGEPAGE):
