@@ -31,6 +31,7 @@ from torch import nn
 HUGE_PAGE = 2 << 20  # bytes: x86-64's transparent huge page
 MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15  # from <sys/mman.h>
 _SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+UNAVAILABLE = "{what} needs Linux transparent huge pages set to 'always' or 'madvise', and TOYLLM_HUGEPAGES not 0"
 # Tensors already moved, by id (a self-speculative draft shares the target's layers, so they come twice). A weak
 # reference, checked for identity, tells a live tensor from a dead one whose id was reused.
 _moved: dict[int, weakref.ref[torch.Tensor]] = {}

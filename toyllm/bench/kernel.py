@@ -170,7 +170,7 @@ def compare_huge_pages(model: GPT2LMHeadModel, rows: Sequence[int], repeats: int
     Raises a one-line error where the system has no transparent huge pages to give (toyllm/hugepages.py).
     """
     if not hugepages.available():
-        raise InvalidArgumentError("--huge-pages needs Linux transparent huge pages set to 'always' or 'madvise'")
+        raise InvalidArgumentError(hugepages.UNAVAILABLE.format(what="--huge-pages"))
     weights = _float32_weights(model)
     copies = {name: [hugepages.aligned_copy(w, huge=name == "huge") for w in weights] for name in ("huge", "small")}
     if any(c is None for side in copies.values() for c in side):

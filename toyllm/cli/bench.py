@@ -428,7 +428,7 @@ def kernel(
         raise InvalidArgumentError(f"--rows must be between 1 and 16 (the kernel's range), got '{rows}'")
     baseline_op = kernels.load_baseline(baseline) if baseline is not None else None  # its errors before any work
     if huge_pages and not hugepages.available():
-        raise InvalidArgumentError("--huge-pages needs Linux transparent huge pages set to 'always' or 'madvise'")
+        raise InvalidArgumentError(hugepages.UNAVAILABLE.format(what="--huge-pages"))
     loaded, _ = load(BenchSettings(model=model, prompt_len=1, device="cpu", dtype="float32", threads=threads))
     result = kernel_bench(loaded, counts, repeats)
     console.print(simple_table(result["formats"], f"{model}: one pass over every Linear weight, 1 row"))
