@@ -16,14 +16,9 @@ needs_thp = pytest.mark.skipif(not hugepages.available(), reason="no transparent
 
 def _vm_flags(address: int) -> list[str]:
     """The kernel's flags for the mapping that holds `address` (/proc/self/smaps `VmFlags`)."""
-    current = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
-            start, end = (int(x, 16) for x in head.split("-"))
-            current = start <= address < end
-        elif current and line.startswith("VmFlags:"):
-            return line.split()[1:]
+    for begin, end, fields in hugepages.mappings():
+        if begin <= address < end:
+            return fields["VmFlags"].split()
     raise AssertionError(f"no mapping holds {address:#x}")
 
 

@@ -23,6 +23,7 @@ import mmap
 import os
 import sys
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,9 +33,9 @@ HUGE_PAGE = 2 << 20  # bytes: x86-64's transparent huge page
 MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15  # from <sys/mman.h>
 _SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 UNAVAILABLE = "{what} needs Linux transparent huge pages set to 'always' or 'madvise', and TOYLLM_HUGEPAGES not 0"
-# Tensors already moved, by id (a self-speculative draft shares the target's layers, so they come twice). A weak
-# reference, checked for identity, tells a live tensor from a dead one whose id was reused.
-_moved: dict[int, weakref.ref[torch.Tensor]] = {}
+# Tensors already moved, by id (a self-speculative draft shares the target's layers, so they come twice). Weak
+# values: an entry goes when its tensor does, so a reused id never matches a dead tensor.
+_moved: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def setting() -> str | None:
@@ -61,7 +62,7 @@ def _madvise(address: int, length: int, advice: int) -> bool:
 def aligned_copy(tensor: torch.Tensor, huge: bool = True) -> torch.Tensor | None:
     """A copy of `tensor` starting at a 2 MB boundary, its whole 2 MB pages advised for huge pages (or, with
     `huge=False`, against them: the 4 KB side of an A/B); None where madvise refuses."""
-    nbytes = tensor.numel() * tensor.element_size()
+    nbytes = tensor.nbytes
     # A fresh private anonymous mapping, not torch.empty: malloc may hand back memory that earlier work already
     # faulted in (as 4 KB or as huge pages), and madvise does not change pages that already exist. (Private: shared
     # anonymous memory follows another setting, shmem_enabled.) The tensor keeps the mapping alive; it is unmapped
@@ -90,18 +91,16 @@ def use_huge_pages(model: nn.Module) -> int:
     moved = 0
     with torch.inference_mode(False):  # called under inference_mode, the copies would be inference-only tensors
         for tensor in itertools.chain(model.parameters(), model.buffers()):  # each shared tensor once
-            nbytes = tensor.numel() * tensor.element_size()
-            done = _moved.get(id(tensor))
-            if tensor.device.type != "cpu" or nbytes < HUGE_PAGE or not tensor.is_contiguous():
+            if tensor.device.type != "cpu" or tensor.nbytes < HUGE_PAGE or not tensor.is_contiguous():
                 continue
-            if done is not None and done() is tensor:
+            if _moved.get(id(tensor)) is tensor:
                 continue
             copy = aligned_copy(tensor.data)
             if copy is None:
                 return moved
             tensor.data = copy
-            _moved[id(tensor)] = weakref.ref(tensor)
-            moved += nbytes
+            _moved[id(tensor)] = tensor
+            moved += tensor.nbytes
     return moved
 
 
@@ -111,17 +110,30 @@ def huge_page_bytes(tensors: list[torch.Tensor]) -> int:
     Why: madvise only asks. Linux falls back to 4 KB pages without a word when it has no free 2 MB blocks, so a
     measurement that claims huge pages should check that it got them. 0 off Linux.
     """
+    pointers = [t.data_ptr() for t in tensors]
+    return sum(
+        int(fields.get("AnonHugePages", "0").split()[0]) * 1024
+        for begin, end, fields in mappings()
+        if any(begin <= ptr < end for ptr in pointers)
+    )
+
+
+def mappings() -> Iterator[tuple[int, int, dict[str, str]]]:
+    """This process's memory mappings from /proc/self/smaps: (start, end, {field: value}) each; none off Linux."""
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
-        return 0
-    pointers = sorted(t.data_ptr() for t in tensors)
-    total, holds = 0, False
+        return
+    current: tuple[int, int, dict[str, str]] | None = None
     for line in lines:
         head = line.split(maxsplit=1)[0] if line else ""
         if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms offset ..."
+            if current is not None:
+                yield current
             begin, end = (int(x, 16) for x in head.split("-"))
-            holds = any(begin <= ptr < end for ptr in pointers)
-        elif holds and line.startswith("AnonHugePages:"):
-            total += int(line.split()[1]) * 1024
-    return total
+            current = (begin, end, {})
+        elif current is not None and ":" in line:  # "AnonHugePages:  4096 kB", "VmFlags: rd wr mr ..."
+            key, _, value = line.partition(":")
+            current[2][key] = value.strip()
+    if current is not None:
+        yield current

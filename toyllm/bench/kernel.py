@@ -46,6 +46,10 @@ def _float32_weights(model: GPT2LMHeadModel) -> list[torch.Tensor]:
     return [m.weight.detach().float().contiguous() for m in model.modules() if isinstance(m, nn.Linear)]
 
 
+def _nbytes(weights: list[torch.Tensor]) -> int:
+    return sum(w.nbytes for w in weights)
+
+
 def _activations(weights: list[torch.Tensor], rows: Sequence[int]) -> dict[int, dict[int, torch.Tensor]]:
     """Random x for each row count and each input width: inputs[M][K] is (M, K)."""
     return {m: {k: torch.randn(m, k) for k in {w.shape[1] for w in weights}} for m in rows}
@@ -72,13 +76,10 @@ def kernel_bench(
         weights, scales = formats[name]
         return lambda: [kernels.gemv(inputs[m][w.shape[1]], w, None, s) for w, s in zip(weights, scales, strict=True)]
 
-    def weight_bytes(weights: list[torch.Tensor]) -> int:
-        return sum(w.numel() * w.element_size() for w in weights)
-
     bandwidth = measure_read_bandwidth("cpu")  # before the passes, with the same threads
     with torch.inference_mode():
-        passes = [("torch float32", torch_pass(1), weight_bytes(f32))]
-        passes += [(f"toyllm {name}", kernel_pass(name, 1), weight_bytes(formats[name][0])) for name in formats]
+        passes = [("torch float32", torch_pass(1), _nbytes(f32))]
+        passes += [(f"toyllm {name}", kernel_pass(name, 1), _nbytes(formats[name][0])) for name in formats]
         one_row: dict[str, float] = {}
         results: list[dict[str, Any]] = []
         for label, run, nbytes in passes:
@@ -172,17 +173,18 @@ def compare_huge_pages(model: GPT2LMHeadModel, rows: Sequence[int], repeats: int
     if not hugepages.available():
         raise InvalidArgumentError(hugepages.UNAVAILABLE.format(what="--huge-pages"))
     weights = _float32_weights(model)
-    copies = {name: [hugepages.aligned_copy(w, huge=name == "huge") for w in weights] for name in ("huge", "small")}
-    if any(c is None for side in copies.values() for c in side):
-        raise InvalidArgumentError("madvise refused to mark the weights' memory for or against huge pages")
-    huge = [c for c in copies["huge"] if c is not None]  # (all of them: checked above)
-    small = [c for c in copies["small"] if c is not None]
+    copies = {}
+    for side in ("huge", "small"):
+        copies[side] = [c for w in weights if (c := hugepages.aligned_copy(w, huge=side == "huge")) is not None]
+        if len(copies[side]) < len(weights):
+            raise InvalidArgumentError("madvise refused to mark the weights' memory for or against huge pages")
+    huge, small = copies["huge"], copies["small"]
     inputs = _activations(weights, rows)
     op = torch.ops.toyllm.gemv
     best = _interleaved({"huge": (op, huge), "small": (op, small)}, inputs, rows, repeats)
     return {
         "setting": hugepages.setting(),
-        "weight_bytes": sum(w.numel() * w.element_size() for w in weights),
+        "weight_bytes": _nbytes(weights),
         "huge_page_bytes": {"huge": hugepages.huge_page_bytes(huge), "small": hugepages.huge_page_bytes(small)},
         "rows": _ab_rows(best, "huge", "small", rows),
     }

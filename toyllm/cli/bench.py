@@ -427,7 +427,7 @@ def kernel(
     if counts[0] < 1 or counts[-1] > 16:
         raise InvalidArgumentError(f"--rows must be between 1 and 16 (the kernel's range), got '{rows}'")
     baseline_op = kernels.load_baseline(baseline) if baseline is not None else None  # its errors before any work
-    if huge_pages and not hugepages.available():
+    if huge_pages and not hugepages.available():  # also checked by compare_huge_pages; here, before any work
         raise InvalidArgumentError(hugepages.UNAVAILABLE.format(what="--huge-pages"))
     loaded, _ = load(BenchSettings(model=model, prompt_len=1, device="cpu", dtype="float32", threads=threads))
     result = kernel_bench(loaded, counts, repeats)
