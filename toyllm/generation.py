@@ -158,6 +158,16 @@ class _StopChecker:
                     if any(s in text for s in self.stop):
                         self.finished[row] = True
 
+    def update_row(self, row: int, generated: torch.Tensor) -> None:
+        """The same check for one row that has just emitted one token; generated: (G,) that row's new tokens."""
+        if self.eos is not None and int(generated[-1]) == self.eos:
+            self.finished[row] = True
+        elif self.stop:
+            assert self.tokenizer is not None
+            text = self.tokenizer.decode(generated[-self.tail - 1 :].tolist())
+            if any(s in text for s in self.stop):
+                self.finished[row] = True
+
 
 def stream_tokens(
     model: GPT2LMHeadModel,
@@ -272,10 +282,13 @@ def token_source(
     """Plain decoding, or speculative decoding when a draft model is given. Yields (B, n) tokens per step."""
     if draft_model is None:
         return stream_tokens(model, input_ids, config, attention_mask=attention_mask, tokenizer=tokenizer, stats=stats)
-    from toyllm.speculative import speculative_stream
+    from toyllm.speculative import batch_speculative_stream, speculative_stream
 
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise InvalidArgumentError("speculative decoding supports one prompt at a time (no padding)")
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if input_ids.ndim == 2 and (input_ids.shape[0] > 1 or padded):  # a batch: every row accepts its own drafts
+        return batch_speculative_stream(
+            model, draft_model, input_ids, config, attention_mask=attention_mask, tokenizer=tokenizer, stats=stats
+        )
     return speculative_stream(model, draft_model, input_ids, config, tokenizer=tokenizer, stats=stats)
 
 

@@ -3,6 +3,7 @@
 Use it through `toyllm.generation.generate(target, ids, config, draft_model=draft)`; this package holds the engine.
 """
 
+from toyllm.speculative.batch import BatchSpeculativeDecoder, batch_speculative_stream
 from toyllm.speculative.decode import SpeculativeDecoder, check_draft, speculative_stream
 from toyllm.speculative.schedules import (
     ConstantSchedule,
@@ -16,12 +17,14 @@ from toyllm.speculative.verify import residual_distribution, verify_drafts, veri
 from toyllm.speculative.vocab import draft_vocabulary, frequent_tokens
 
 __all__ = [
+    "BatchSpeculativeDecoder",
     "ConstantSchedule",
     "HeuristicSchedule",
     "LookaheadSchedule",
     "SpeculativeDecoder",
     "SpeculativeStats",
     "ThresholdSchedule",
+    "batch_speculative_stream",
     "check_draft",
     "draft_vocabulary",
     "frequent_tokens",

@@ -1,0 +1,292 @@
+"""Batched speculative sampling: every row accepts its own drafts, and the output is plain batched decoding's.
+
+References: plain batched `generate` (greedy equality, stops, streaming), the target's exact joint distribution of
+the next 3 tokens per prompt (chi-square, same statistic, false-alarm rate and sample count as test_speculative.py,
+with deliberately broken variants that must fail), and a fresh one-row prefill of each row's tokens (cache layout).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_speculative import (
+    ALPHA,
+    FILTERED,
+    N_BROKEN,
+    N_SAMPLES,
+    PLAIN,
+    LetterTokenizer,
+    V,
+    chi_square_p_value,
+    dist_config,
+    exact_next3,
+    fixed_threshold,
+    tiny,
+)
+
+from toyllm.errors import InvalidArgumentError
+from toyllm.generation import GenerationConfig, GenerationStats, generate, generate_text
+from toyllm.gpt2 import GPT2LMHeadModel
+from toyllm.speculative import BatchSpeculativeDecoder, SpeculativeStats, batch_speculative_stream
+from toyllm.speculative.verify import verify_drafts
+
+
+def left_padded(lengths: tuple[int, ...], vocab: int = 96, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of these lengths, left-padded (pad id 0) into (ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, T - n :] = torch.randint(0, vocab, (n,), generator=g)
+        mask[row, T - n :] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def target() -> GPT2LMHeadModel:
+    return tiny(0)
+
+
+@pytest.fixture(scope="module")
+def drafts(target: GPT2LMHeadModel) -> dict[str, GPT2LMHeadModel]:
+    return {
+        "same": target,
+        "unrelated": tiny(7, n_layer=1, tie_word_embeddings=False),
+        "self": target.first_layers(1),
+    }
+
+
+def spec_run(target, draft, ids, mask, config, **kw) -> tuple[torch.Tensor, SpeculativeStats]:
+    spec = SpeculativeStats()
+    blocks = list(batch_speculative_stream(target, draft, ids, config, attention_mask=mask, spec_stats=spec, **kw))
+    return torch.cat([ids, *blocks], dim=1), spec
+
+
+# -- greedy: every row is what plain batched greedy decoding gives --------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 8])
+@pytest.mark.parametrize("kind", ["same", "unrelated", "self"])
+def test_batch_greedy_equals_plain_batched_greedy(target, drafts, kind: str, K: int) -> None:
+    ids, mask = left_padded((1, 5, 9, 3, 20))
+    config = GenerationConfig(max_new_tokens=24, temperature=0.0, eos_token_id=None, lookahead=K, max_lookahead=8)
+    expected = generate(target, ids, config, attention_mask=mask)
+    out, spec = spec_run(target, drafts[kind], ids, mask, config)
+    assert torch.equal(out, expected)
+    assert spec.new_tokens == 5 * 24
+    if kind == "same":
+        assert spec.acceptance_rate == 1.0
+    if kind == "unrelated":
+        assert spec.acceptance_rate < 0.1
+    if kind == "self":  # rows accept different numbers of drafts: the holes in the caches are exercised
+        assert 0 < spec.acceptance_rate < 1
+
+
+@pytest.mark.parametrize("schedule", ["heuristic", "threshold"])
+def test_batch_greedy_with_adaptive_schedules(target, drafts, schedule: str) -> None:
+    ids, mask = left_padded((3, 12, 7))
+    config = GenerationConfig(
+        max_new_tokens=30, temperature=0.0, eos_token_id=None, lookahead=2, lookahead_schedule=schedule
+    )
+    expected = generate(target, ids, config, attention_mask=mask)
+    for kind in ("same", "self"):
+        assert torch.equal(spec_run(target, drafts[kind], ids, mask, config)[0], expected)
+
+
+def test_batch_greedy_compacts_a_small_window_with_penalty_and_eos() -> None:
+    """A 24-token window fills with holes after a few rounds, so the caches are rebuilt (compacted) mid-generation;
+    a repetition penalty sees each row's own drafts; EOS ends rows at different times."""
+    target = tiny(3, n_positions=24)
+    ids, mask = left_padded((1, 4, 7, 2))
+    for eos in (None, 11, 40):
+        config = GenerationConfig(
+            max_new_tokens=16, temperature=0.0, eos_token_id=eos, lookahead=4, repetition_penalty=1.3
+        )
+        expected = generate(target, ids, config, attention_mask=mask)
+        out, spec = spec_run(target, target.first_layers(2), ids, mask, config)
+        assert torch.equal(out, expected)
+        if eos is None:
+            assert spec.draft_prefills > 1  # the prompt's fill, then at least one compaction
+
+
+def test_batch_of_one_padded_row_and_text_api(target, drafts) -> None:
+    """`generate` takes the batch path for B > 1 or any padding; `generate_text` with a list of prompts, stop strings
+    and EOS gives plain decoding's texts."""
+    ids, mask = left_padded((2, 6))
+    config = GenerationConfig(max_new_tokens=12, temperature=0.0, eos_token_id=None, lookahead=3)
+    one = generate(target, ids[:1], config, attention_mask=mask[:1], draft_model=drafts["self"])
+    assert torch.equal(one, generate(target, ids[:1], config, attention_mask=mask[:1]))
+    tok = LetterTokenizer(96)
+    prompts = ["hello", "ab", "the cat sat"]
+    for stop in ((), ("e", "a"), ("zz",)):
+        config = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=tok.eos_token_id, stop=stop)
+        plain = generate_text(target, tok, prompts, config)
+        assert generate_text(target, tok, prompts, config, draft_model=drafts["self"]) == plain
+
+
+def test_batch_streaming_blocks_and_stats(target, drafts) -> None:
+    ids, mask = left_padded((4, 9, 1))
+    config = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=None, lookahead=4)
+    stats = GenerationStats()
+    blocks: list[torch.Tensor] = []
+    out = generate(
+        target, ids, config, attention_mask=mask, draft_model=drafts["self"], streamer=blocks.append, stats=stats
+    )
+    assert all(b.shape[0] == 3 and b.shape[1] >= 1 for b in blocks)
+    assert torch.equal(torch.cat([ids, *blocks], dim=1), out)
+    assert stats.new_tokens == 20
+    extra = stats.extra
+    assert extra["proposed"] >= extra["accepted"] > 0
+    assert extra["acceptance_rate"] == pytest.approx(extra["accepted"] / extra["proposed"])
+    assert extra["tokens_per_target_forward"] == pytest.approx(3 * 20 / extra["rounds"])  # summed over rows
+
+
+# -- the output distribution of every row is the target's ---------------------------------------------------------
+
+PROMPTS = (torch.tensor([[3]]), torch.tensor([[5, 1]]))
+ROWS = 16  # rows per batch, alternating between the two prompts (one of them left-padded)
+
+
+def batch_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([[0, 3], [5, 1]] * (ROWS // 2))
+    mask = torch.tensor([[0, 1], [1, 1]] * (ROWS // 2))
+    return ids, mask
+
+
+def sample_rows(decoder_cls, target, draft, config, n: int, schedule=None) -> tuple[list[torch.Tensor], float]:
+    """Counts of n sampled 3-token continuations of each prompt, [(V^3,), (V^3,)], and the acceptance rate."""
+    ids, mask = batch_prompts()
+    counts = [torch.zeros(V**3, dtype=torch.float64) for _ in PROMPTS]
+    proposed = accepted = 0
+    with torch.inference_mode():
+        for run in range(n * len(PROMPTS) // ROWS):
+            config.seed = run
+            dec = decoder_cls(
+                target, draft, ids, config, attention_mask=mask, schedule=schedule(config) if schedule else None
+            )
+            while not dec.done:
+                dec.step()
+            for row in range(ROWS):
+                a, b, c = dec.tokens[row, 2:5].tolist()
+                counts[row % 2][(a * V + b) * V + c] += 1
+            proposed, accepted = proposed + dec.stats.proposed, accepted + dec.stats.accepted
+    return counts, accepted / proposed
+
+
+class RowMixupDecoder(BatchSpeculativeDecoder):
+    """BROKEN on purpose: each row is verified against the target distributions of the row verified before it (a
+    batch-indexing bug). Neighbouring rows hold different prompts, so their distributions differ."""
+
+    previous: list[torch.Tensor] = []
+
+    @staticmethod
+    def _verify(drafts, q, p, generator=None):  # type: ignore[override]
+        before = RowMixupDecoder.previous
+        other = before[0] if before and before[0].shape == p.shape else p
+        before[:] = [p]
+        return verify_drafts(drafts, q, other, generator)
+
+
+class RawQBatchDecoder(BatchSpeculativeDecoder):
+    """BROKEN on purpose: samples from the processed distribution but reports q from the unprocessed logits."""
+
+    def _draft_tokens(self, logits, processed):
+        token, _ = super()._draft_tokens(logits, processed)
+        return token, torch.softmax(logits.float(), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def small_pair() -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
+    kw = dict(vocab=V, n_layer=1, n_positions=16, std=0.5)
+    return tiny(0, **kw), tiny(1, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "knobs, schedule",
+    [(PLAIN, fixed_threshold), (FILTERED, None)],
+    ids=["temperature1-threshold-schedule", "topk-topp-penalty"],
+)
+def test_batch_distribution_is_exactly_the_targets(small_pair, knobs, schedule) -> None:
+    target, draft = small_pair
+    config = dist_config(knobs)
+    counts, alpha = sample_rows(BatchSpeculativeDecoder, target, draft, config, N_SAMPLES, schedule)
+    assert 0.1 < alpha < 0.9
+    for prompt, c in zip(PROMPTS, counts, strict=True):
+        assert c.sum() == N_SAMPLES
+        p_value = chi_square_p_value(c, exact_next3(target, prompt, config))
+        print(f"prompt {prompt.tolist()}: acceptance {alpha:.3f}, chi-square p-value {p_value:.3g}")
+        assert p_value > ALPHA
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "broken, knobs", [(RowMixupDecoder, PLAIN), (RawQBatchDecoder, FILTERED)], ids=["row-mixup", "q-from-raw-logits"]
+)
+def test_the_batch_test_catches_broken_variants(small_pair, broken, knobs) -> None:
+    target, draft = small_pair
+    config = dist_config(knobs)
+    counts, _ = sample_rows(broken, target, draft, config, N_BROKEN)
+    p_values = [chi_square_p_value(c, exact_next3(target, p, config)) for p, c in zip(PROMPTS, counts, strict=True)]
+    print(f"chi-square p-values of the broken decoder {p_values}")
+    assert min(p_values) < ALPHA
+
+
+# -- caches: each row's visible slots are a fresh prefill of its accepted tokens -----------------------------------
+
+
+def assert_row_cache(cache, slot_ok, length: int, model: GPT2LMHeadModel, row: int, ids: torch.Tensor) -> None:
+    """Row `row`'s visible slots among the first `length` hold exactly a one-row prefill of `ids`."""
+    visible = slot_ok[row, :length].nonzero().flatten()
+    assert visible.numel() == ids.numel()
+    if not ids.numel():
+        return
+    ref = tiny_cache(model, ids)
+    for layer in range(model.config.n_layer):
+        for got, want in ((cache.k[layer], ref.k[layer]), (cache.v[layer], ref.v[layer])):
+            torch.testing.assert_close(got[row][:, visible], want[0][:, : ids.numel()], atol=1e-5, rtol=1e-4)
+
+
+def tiny_cache(model: GPT2LMHeadModel, ids: torch.Tensor):
+    from toyllm.kv_cache import KVCache
+
+    cache = KVCache.for_model(model, 1)
+    with torch.no_grad():
+        model(ids[None], cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("n_positions", [64, 30])
+def test_batch_caches_equal_fresh_prefill_after_every_round(n_positions: int) -> None:
+    target = tiny(0, n_positions=n_positions)
+    draft = target.first_layers(1)
+    ids, mask = left_padded((5, 1, 8))
+    config = GenerationConfig(max_new_tokens=20, temperature=1.0, top_k=0, seed=1, eos_token_id=None, lookahead=3)
+    dec = BatchSpeculativeDecoder(target, draft, ids, config, attention_mask=mask)
+    with torch.inference_mode():
+        while not dec.done:
+            dec.step()
+            for row in range(3):
+                if dec.finished[row]:
+                    continue
+                seq = dec.tokens[row, : dec.end[row]][dec.token_ok[row, : dec.end[row]]]
+                assert seq.numel() == dec.length[row]
+                # The target holds every accepted token but the newest; the draft holds a prefix of that.
+                assert_row_cache(dec.target_cache, dec.slot_ok, dec.target_cache.length, target, row, seq[:-1])
+                seen = int(dec.slot_ok[row, : dec.draft_cache.length].sum())
+                assert_row_cache(dec.draft_cache, dec.slot_ok, dec.draft_cache.length, draft, row, seq[:seen])
+    assert dec.stats.new_tokens == 3 * 20
+
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+
+
+def test_batch_errors(target, drafts) -> None:
+    ids, mask = left_padded((3, 40))
+    config = GenerationConfig(max_new_tokens=30, temperature=0.0)
+    with pytest.raises(InvalidArgumentError, match="stays inside the context window"):
+        generate(target, ids, config, attention_mask=mask, draft_model=drafts["self"])
+    mask[0] = 0
+    with pytest.raises(InvalidArgumentError, match="at least one token"):
+        generate(target, ids, GenerationConfig(max_new_tokens=3), attention_mask=mask, draft_model=drafts["self"])

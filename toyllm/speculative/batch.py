@@ -1,0 +1,365 @@
+"""Speculative sampling for a batch of prompts, each row accepting its own number of drafts.
+
+The round is the batch-of-one round (decode.py) done for B rows at once: the draft proposes k tokens for every row
+(k forwards of B rows), the target verifies all B x (k + 1) positions in one forward, and then every row runs the
+acceptance rule on its own and keeps its own n_b drafts plus one token. Rows therefore advance by different amounts.
+
+Why the caches get *holes*: both KV caches hold one row per sequence and one shared length. A round writes k + 1
+slots for every row, but row b keeps only its first n_b + 1 of them. Moving every row's entries to close the gaps
+would copy caches every round; instead the slots a row rejected stay where they are and are masked out. Three
+per-slot tables describe the layout, shared by both models:
+
+    slot_tok[b, s]  the token written at slot s of row b       slot_pos[b, s]  its position (for the learned wpe)
+    slot_ok[b, s]   whether row b's attention may see it (False for left padding and for rejected drafts)
+
+A row's positions count only its own tokens, so holes take no position: the model sees exactly the sequence that
+plain decoding would give it. Rejected slots beyond the longest row's accepted ones are cut off (`truncate`); the
+rest are masked. The cache length grows by max_b(n_b + 1) per round, so holes use up slots; when the next round would
+not fit, `_refill` rebuilds both caches from every live row's tokens, left-padded, in one prefill (compaction).
+
+The draft replays the slots it has not seen from the tables: after a round where some row accepted all k drafts, that
+row's last draft sits in a slot only the target filled, and the draft's first forward of the next round feeds it
+(a hole for the other rows) together with the new token.
+
+Scope: every row must fit in the context window (prompt + max_new_tokens); one prompt at a time slides the window.
+The schedules choose one k for the whole batch: the draft keeps going while any row is confident, and the schedule
+learns from the row that accepted fewest (the one that sets how far the batch advances).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from toyllm.errors import InvalidArgumentError
+from toyllm.generation import GenerationConfig, GenerationStats, _StopChecker, _sync, prefill
+from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.kv_cache import KVCache
+from toyllm.sampling import greedy, logits_to_probs, process_logits, sample
+from toyllm.speculative.decode import check_draft
+from toyllm.speculative.schedules import LookaheadSchedule, make_schedule
+from toyllm.speculative.stats import SpeculativeStats
+from toyllm.speculative.verify import verify_drafts, verify_greedy
+
+
+class BatchSpeculativeDecoder:
+    """The state of one batched speculative generation; `step()` runs one round.
+
+    Exposed for tests: `tokens` (B, columns) holds the left-padded prompts then each row's new tokens, row b's
+    sequence being `tokens[b, :end[b]]` where `token_ok` is True; `target_cache`, `draft_cache` and the slot tables
+    `slot_tok`, `slot_pos`, `slot_ok` describe the caches (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        target: GPT2LMHeadModel,
+        draft: GPT2LMHeadModel,
+        input_ids: torch.Tensor,
+        config: GenerationConfig,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        tokenizer: Any | None = None,
+        schedule: LookaheadSchedule | None = None,
+        stats: SpeculativeStats | None = None,
+    ) -> None:
+        config.validate()
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise InvalidArgumentError("input_ids must have shape (batch, prompt_length) with a non-empty prompt")
+        check_draft(target, draft)
+        self.config, self.target, self.draft = config, target, draft
+        B, T0 = input_ids.shape
+        device = input_ids.device
+        prompt_ok = torch.ones(B, T0, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            prompt_ok = attention_mask.bool().to(device)
+        lengths = prompt_ok.sum(dim=1)  # (B,) real prompt tokens per row
+        if bool((lengths == 0).any()):
+            raise InvalidArgumentError("every prompt in the batch needs at least one token")
+        self.window = W = min(target.config.n_positions, draft.config.n_positions)
+        longest = int(lengths.max()) + config.max_new_tokens
+        if longest > W:
+            raise InvalidArgumentError(
+                f"batched speculative decoding stays inside the context window: the longest prompt plus "
+                f"max_new_tokens is {longest} tokens, the window is {W}; generate past it one prompt at a time"
+            )
+        self.pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
+        self.prompt_columns = T0
+        columns = T0 + config.max_new_tokens + config.max_lookahead + 1  # room for the drafts of the last round
+        self.tokens = torch.full((B, columns), self.pad, dtype=torch.long, device=device)
+        self.tokens[:, :T0] = input_ids
+        self.token_ok = torch.zeros(B, columns, dtype=torch.bool, device=device)
+        self.token_ok[:, :T0] = prompt_ok
+        self.end = torch.full((B,), T0, dtype=torch.long, device=device)  # one past each row's last token (column)
+        self.length = lengths.clone()  # each row's real length: the position of its next token
+        self.target_cache = KVCache.for_model(target, B, max_len=W)
+        self.draft_cache = KVCache.for_model(draft, B, max_len=W)
+        self.slot_tok = torch.zeros(B, W, dtype=torch.long, device=device)
+        self.slot_pos = torch.zeros(B, W, dtype=torch.long, device=device)
+        self.slot_ok = torch.zeros(B, W, dtype=torch.bool, device=device)
+        self.stopper = _StopChecker(config, tokenizer, B, device)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)  # stopped, or max_new_tokens reached
+        self.generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+        self.schedule = schedule if schedule is not None else make_schedule(config)
+        self.stats = stats if stats is not None else SpeculativeStats()
+        self.greedy = config.temperature == 0.0
+        self.done = False
+        self.primed = False
+
+    # -- the caches ----------------------------------------------------------------------------------------------
+
+    def _refill(self) -> None:
+        """Rebuild both caches from every live row's tokens but its last, left-padded: no holes afterwards."""
+        B, device = self.tokens.shape[0], self.tokens.device
+        rows = [
+            self.tokens[b, : self.end[b] - 1][self.token_ok[b, : self.end[b] - 1]] if not self.finished[b] else None
+            for b in range(B)
+        ]
+        width = max((r.numel() for r in rows if r is not None), default=0)
+        self.slot_ok.zero_()
+        self.slot_tok.zero_()
+        self.slot_pos.zero_()
+        for b, r in enumerate(rows):
+            if r is not None and r.numel():
+                n = r.numel()
+                self.slot_tok[b, width - n : width] = r
+                self.slot_pos[b, width - n : width] = torch.arange(n, device=device)
+                self.slot_ok[b, width - n : width] = True
+        start = time.perf_counter()
+        for model, cache in ((self.target, self.target_cache), (self.draft, self.draft_cache)):
+            cache.reset()
+            if width:
+                prefill(model, cache, self.slot_tok[:, :width], self.slot_ok[:, :width], self.config.chunk_size)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        s = self.stats
+        if width:
+            s.target_forwards += 1
+            s.draft_forwards += 1
+            s.draft_prefills += 1
+            s.target_seconds += elapsed / 2  # one prefill each; the two are not timed apart
+            s.draft_seconds += elapsed / 2
+            s.draft_prefill_seconds += elapsed / 2
+        if not self.primed:
+            s.prompt_forwards += 2 if width else 0
+            s.prompt_seconds += elapsed
+            self.primed = True
+
+    def _forward(self, model: GPT2LMHeadModel, cache: KVCache, start: int, end: int, keep: int) -> torch.Tensor:
+        """Feed slots [start, end) from the tables to `model`; return the logits of the last `keep`, (B, keep, V)."""
+        return model(
+            self.slot_tok[:, start:end],
+            cache=cache,
+            position_ids=self.slot_pos[:, start:end],
+            attention_mask=self.slot_ok[:, :end],
+            logits_to_keep=keep,
+        )
+
+    # -- sampling ------------------------------------------------------------------------------------------------
+
+    def _process(self, logits: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
+        """Plain generation's pipeline on (R, V) logits, where row r has seen columns [0, upto[r]) of its sequence."""
+        c = self.config
+        previous = valid = None
+        if c.repetition_penalty != 1.0:
+            rows = logits.shape[0] // self.tokens.shape[0]  # positions per sequence
+            columns = int(upto.max())
+            previous = self.tokens[:, :columns].repeat_interleave(rows, dim=0)  # (R, columns)
+            col = torch.arange(columns, device=upto.device)[None]  # (1, columns)
+            # The prompt's real tokens, then everything after it up to upto (accepted tokens and this round's drafts).
+            ok = self.token_ok[:, :columns].repeat_interleave(rows, dim=0) | (col >= self.prompt_columns)
+            valid = ok & (col < upto[:, None])
+        return process_logits(
+            logits,
+            previous,
+            temperature=c.temperature,
+            top_k=c.top_k,
+            top_p=c.top_p,
+            repetition_penalty=c.repetition_penalty,
+            valid=valid,
+        )
+
+    def _draft_tokens(self, logits: torch.Tensor, processed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample one draft token per row; return them (B,) with q (B, V), exactly what they were sampled from.
+
+        `logits` (the raw ones) is unused; a test passes through here to plant the classic bug (q from raw logits).
+        """
+        token = sample(processed, self.config.temperature, self.generator)
+        return token, logits_to_probs(processed, self.config.temperature)
+
+    # -- one round -----------------------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Run one round (nothing once generation is over)."""
+        if self.done:
+            return
+        start = time.perf_counter()
+        if not self.primed:
+            self._refill()
+        self._round()
+        _sync(self.tokens.device)
+        self.stats.total_seconds += time.perf_counter() - start
+
+    def _round(self) -> None:
+        cfg, s = self.config, self.stats
+        live = ~self.finished
+        B = live.shape[0]
+        rows = torch.arange(B, device=live.device)
+        remaining = cfg.max_new_tokens - (self.end - self.prompt_columns)  # (B,)
+        k = min(self.schedule.lookahead, int(remaining[live].max()) - 1)
+        if self.target_cache.length + k + 1 > self.window:  # holes used up the slots: compact, then retry
+            self._refill()
+            k = min(k, self.window - self.target_cache.length - 1)
+        C = self.target_cache.length  # slot of each row's last token this round
+        last = self.tokens[rows, self.end - 1]
+        self._write_slot(C, last, self.length - 1)
+
+        # 1. The draft proposes k tokens per row (its first forward also replays slots it has not seen).
+        self.schedule.start_round()
+        drafts, qs, confidences = [], [], []
+        for i in range(1, k + 1):
+            t0 = time.perf_counter()
+            logits = self._forward(self.draft, self.draft_cache, self.draft_cache.length, C + i, 1)[:, -1]  # (B, V)
+            _sync(logits.device)
+            s.draft_forwards += 1
+            s.draft_seconds += time.perf_counter() - t0
+            processed = self._process(logits, self.end + i - 1)
+            confidence = (
+                float(torch.softmax(processed, dim=-1).max(dim=-1).values[live].max())
+                if self.schedule.uses_confidence
+                else math.nan
+            )
+            if i > 1 and not self.schedule.keep_drafting(i, confidence):
+                break
+            if self.greedy:
+                token = greedy(processed)
+            else:
+                token, q_row = self._draft_tokens(logits, processed)
+                qs.append(q_row)
+            self.tokens[rows[live], (self.end + i - 1)[live]] = token[live]  # tentatively, after each live row
+            self._write_slot(C + i, token, self.length - 1 + i)
+            drafts.append(token)
+            confidences.append(confidence)
+        k = len(drafts)
+        drafted = torch.stack(drafts, dim=1) if drafts else last.new_zeros(B, 0)  # (B, k)
+
+        # 2. The target scores [last, d_1 .. d_k] for every row in one forward.
+        t0 = time.perf_counter()
+        logits = self._forward(self.target, self.target_cache, C, C + k + 1, k + 1)  # (B, k + 1, V)
+        _sync(logits.device)
+        elapsed = time.perf_counter() - t0
+        s.target_forwards += 1
+        s.target_seconds += elapsed
+        s.verify_seconds += elapsed
+        upto = (self.end[:, None] + torch.arange(k + 1, device=live.device)[None]).flatten()  # (B * (k + 1),)
+        scores = self._process(logits.flatten(0, 1), upto).view(B, k + 1, -1)
+
+        # 3. Every live row runs the acceptance rule on its own.
+        q = torch.stack(qs, dim=1) if qs else scores.new_zeros(B, 0, scores.shape[-1])  # (B, k, V)
+        p = None if self.greedy else logits_to_probs(scores, cfg.temperature)
+        target_tokens = greedy(scores) if self.greedy else None  # (B, k + 1)
+        kept = [0] * B
+        for b in range(B):
+            if not live[b]:
+                continue
+            if self.greedy:
+                assert target_tokens is not None
+                n, nxt = verify_greedy(drafted[b], target_tokens[b])
+            else:
+                assert p is not None
+                n, nxt = self._verify(drafted[b], q[b], p[b], self.generator)
+            kept[b] = n
+            self.tokens[b, self.end[b] + n] = nxt
+            s.proposed += k
+            s.accepted += n
+            s.rejected += int(n < k)
+            s.accepted_per_round.append(n)
+            self._emit(b, min(n + 1, int(remaining[b])))
+        s.rounds += 1
+        s.lookaheads.append(k)
+
+        # 4. Roll back: row b keeps slots C .. C + n_b; the caches keep what the furthest row needs.
+        keep = torch.tensor(kept, device=live.device)
+        self.slot_ok[:, C : C + k + 1] &= torch.arange(k + 1, device=live.device)[None] <= keep[:, None]
+        self.slot_ok[~live, C:] = False
+        new_length = C + 1 + max(kept[b] for b in range(B) if live[b])
+        self.slot_ok[:, new_length:] = False
+        self.target_cache.truncate(new_length)
+        self.draft_cache.truncate(min(self.draft_cache.length, new_length))
+        self.done = bool(self.finished.all())
+        slowest = min(range(B), key=lambda b: kept[b] if live[b] else k + 1)
+        c = s.cost_ratio
+        self.schedule.update(k, kept[slowest], confidences, c if math.isfinite(c) else None)
+
+    def _write_slot(self, slot: int, token: torch.Tensor, position: torch.Tensor) -> None:
+        self.slot_tok[:, slot] = token
+        self.slot_pos[:, slot] = position.clamp(max=self.window - 1)  # a finished row may run past its window
+        self.slot_ok[:, slot] = True
+
+    def _emit(self, b: int, n: int) -> None:
+        """Advance row b over its next n tokens, one at a time, stopping after EOS, a stop string or max_new_tokens."""
+        for _ in range(n):
+            self.end[b] += 1
+            self.length[b] += 1
+            e = int(self.end[b])
+            self.token_ok[b, e - 1] = True
+            self.stats.new_tokens += 1
+            self.stopper.update_row(b, self.tokens[b, self.prompt_columns : e])
+            if bool(self.stopper.finished[b]) or e - self.prompt_columns >= self.config.max_new_tokens:
+                self.finished[b] = True
+                self.tokens[b, e:] = self.pad
+                return
+
+    _verify = staticmethod(verify_drafts)  # a class attribute, so that a test can swap in a broken rule
+
+
+def batch_speculative_stream(
+    target: GPT2LMHeadModel,
+    draft: GPT2LMHeadModel,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    tokenizer: Any | None = None,
+    stats: GenerationStats | None = None,
+    spec_stats: SpeculativeStats | None = None,
+    schedule: LookaheadSchedule | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield (B, n) blocks of new tokens, as plain batched decoding would: a row that finished shows `pad_token_id`.
+
+    Rows run ahead of each other; a column is yielded once every unfinished row has produced it.
+    """
+    spec = spec_stats if spec_stats is not None else SpeculativeStats()
+    dec = BatchSpeculativeDecoder(
+        target,
+        draft,
+        input_ids,
+        config,
+        attention_mask=attention_mask,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        stats=spec,
+    )
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = input_ids.shape[1]
+    shown = dec.prompt_columns
+    start = time.perf_counter()
+    first = True
+    with torch.inference_mode():
+        while not dec.done:
+            dec.step()
+            now = time.perf_counter()
+            if first:
+                stats.prefill_seconds, start, first = now - start, now, False
+            unfinished = ~dec.finished
+            ready = int(dec.end[unfinished].min()) if bool(unfinished.any()) else int(dec.end.max())
+            stats.new_tokens = ready - dec.prompt_columns
+            stats.target_forwards = spec.target_forwards
+            stats.decode_seconds = now - start
+            stats.extra.update(spec.summary())
+            if ready > shown:
+                yield dec.tokens[:, shown:ready].clone()
+                shown = ready
