@@ -290,3 +290,25 @@ def test_batch_errors(target, drafts) -> None:
     mask[0] = 0
     with pytest.raises(InvalidArgumentError, match="at least one token"):
         generate(target, ids, GenerationConfig(max_new_tokens=3), attention_mask=mask, draft_model=drafts["self"])
+
+
+# -- the benchmark's batched mode ------------------------------------------------------------------------------------
+
+
+def test_bench_speculative_batch(tmp_path) -> None:
+    from toyllm.bench.speculative import run_speculative_bench
+
+    kw = dict(target="random:gpt2-tiny", cases=("self",), self_layers=1, lookaheads=(2,), max_new_tokens=8)
+    results = run_speculative_bench(**kw, prompt_tokens=5, prompts=2, batch=3, device="cpu", out_dir=tmp_path)
+    assert results["settings"]["batch"] == 3
+    (row,) = results["rows"]
+    assert row["outputs_match"] is True  # batched speculative == plain batched greedy, every run
+    tokens = 2 * 3 * 8  # 2 batches of 3 prompts, every row makes all its tokens (EOS ignored)
+    assert row["tokens_per_second"] * row["seconds"]["total"] == pytest.approx(tokens)
+    assert row["prompt_forwards"] == 2 * 2  # both models filled once per batch
+    plain = results["plain"]["self"]["target"]
+    assert plain["token_seconds"] == pytest.approx(plain["step_seconds"] / 3)  # a plain step decodes 3 rows
+    decode_token = (row["seconds"]["total"] - row["seconds"]["prompt"]) / tokens
+    assert row["decode_speedup"] == pytest.approx(plain["token_seconds"] / decode_token)
+    with pytest.raises(InvalidArgumentError, match="--batch needs"):
+        run_speculative_bench(**kw, prompt_tokens=1020, batch=2, device="cpu")

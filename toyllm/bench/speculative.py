@@ -38,7 +38,13 @@ from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate
 from toyllm.gpt2.model import GPT2LMHeadModel
-from toyllm.speculative import SpeculativeStats, check_draft, draft_vocabulary, speculative_stream
+from toyllm.speculative import (
+    SpeculativeStats,
+    batch_speculative_stream,
+    check_draft,
+    draft_vocabulary,
+    speculative_stream,
+)
 from toyllm.tokenizer import load_tokenizer
 
 CASES = ("draft", "same", "self")
@@ -61,7 +67,14 @@ def _timed_plain(model: GPT2LMHeadModel, ids: torch.Tensor, config: GenerationCo
     out = generate(model, ids, config, stats=stats)
     seconds = time.perf_counter() - start
     steps = max(1, stats.new_tokens - 1)  # decode forwards: the first token comes from the prefill
-    return out, {"seconds": seconds, "decode_seconds": stats.decode_seconds, "tokens": stats.new_tokens, "steps": steps}
+    rows = ids.shape[0]  # a forward decodes one token of every row
+    return out, {
+        "seconds": seconds,
+        "decode_seconds": stats.decode_seconds,
+        "tokens": stats.new_tokens * rows,
+        "steps": steps,
+        "rows": rows,
+    }
 
 
 def _plain_totals(runs: list[dict]) -> dict[str, float]:
@@ -71,16 +84,19 @@ def _plain_totals(runs: list[dict]) -> dict[str, float]:
         "seconds": seconds,
         "tokens_per_second": sum(r["tokens"] for r in runs) / seconds,
         "step_seconds": sum(r["decode_seconds"] for r in runs) / sum(r["steps"] for r in runs),  # one decode forward
+        "token_seconds": sum(r["decode_seconds"] for r in runs) / sum(r["steps"] * r["rows"] for r in runs),
     }
 
 
 def _timed_speculative(
     target: GPT2LMHeadModel, draft: GPT2LMHeadModel, ids: torch.Tensor, config: GenerationConfig
 ) -> tuple[torch.Tensor, SpeculativeStats, float]:
-    """Speculative decoding of one prompt: its output (prompt first, like `generate`), counters and seconds."""
+    """Speculative decoding of one prompt (or one batch): its output (prompt first, like `generate`), counters and
+    seconds."""
     spec = SpeculativeStats()
+    stream = batch_speculative_stream if ids.shape[0] > 1 else speculative_stream
     start = time.perf_counter()
-    out = torch.cat([ids, *speculative_stream(target, draft, ids, config, spec_stats=spec)], dim=1)
+    out = torch.cat([ids, *stream(target, draft, ids, config, spec_stats=spec)], dim=1)
     return out, spec, time.perf_counter() - start
 
 
@@ -119,7 +135,7 @@ def _row(
         # Per-token decoding time of each run, the prompt prefills left out of both: the formula's quantity. (The
         # draft's prompt forward also yields its first proposal, so the speculative side is spared one draft step
         # per prompt: for c = 1 and 64 tokens, about 1.5% in its favour.)
-        "decode_speedup": plain["step_seconds"] / ((seconds - spec.prompt_seconds) / max(1, spec.new_tokens)),
+        "decode_speedup": plain["token_seconds"] / ((seconds - spec.prompt_seconds) / max(1, spec.new_tokens)),
         "theoretical_speedup": theoretical_speedup(alpha, K, c) if known else float("nan"),
         "theoretical_speedup_with_verify_cost": theoretical_speedup(alpha, K, c, v) if known else float("nan"),
         "target_forwards": spec.target_forwards,
@@ -146,6 +162,7 @@ def run_speculative_bench(
     max_new_tokens: int = 64,
     prompt_tokens: int = 32,
     prompts: int = 1,
+    batch: int = 1,
     repeats: int = 1,
     temperature: float = 0.0,
     seed: int = 0,
@@ -167,15 +184,18 @@ def run_speculative_bench(
     (trained models agree far more often on real text): one prompt is its last `prompt_tokens` tokens; several are
     spread evenly over its last 5%, the held-out tail that `toyllm prepare` makes the validation split. Times and
     counts add up over the prompts; each prompt's time in each mode is the fastest of `repeats`. EOS is ignored, so
-    every run makes `max_new_tokens`.
+    every run makes `max_new_tokens`. batch: decode `batch` prompts at once in every run (plain batched decoding
+    against batched speculative decoding; each of the `prompts` units is then a batch of that many windows).
     threads: torch CPU threads (None leaves torch's default). kernels: decode both models through toyllm's CPU
     kernel, which reads each weight once for all K + 1 verified rows (toyllm/kernels).
     draft_vocab: restrict the `draft` and `self` drafts' output to this many tokens, the most frequent in
     `draft_vocab_data` (a prepared directory) or else ids 0..n-1 (`toyllm.speculative.vocab`).
     Returns {"machine": ..., "settings": ..., "plain": {...}, "rows": [one dict per (case, K)]}.
     """
-    if prompts < 1 or repeats < 1:
-        raise InvalidArgumentError(f"--prompts and --repeats must be >= 1, got {prompts} and {repeats}")
+    if prompts < 1 or repeats < 1 or batch < 1:
+        raise InvalidArgumentError(
+            f"--prompts, --batch and --repeats must be >= 1, got {prompts}, {batch} and {repeats}"
+        )
     unknown = set(cases) - set(CASES)
     if unknown:
         raise InvalidArgumentError(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
@@ -201,6 +221,12 @@ def run_speculative_bench(
         n = self_layers if self_layers is not None else max(1, target_model.config.n_layer // 4)
         drafts["self"], names["self"] = target_model.first_layers(n), f"{target} first {n} layers"
 
+    window = min(m.config.n_positions for m in (target_model, *drafts.values()))
+    if batch > 1 and prompt_tokens + max_new_tokens > window:
+        raise InvalidArgumentError(
+            f"--batch needs --prompt-len + -n within the context window ({window}), "
+            f"got {prompt_tokens + max_new_tokens}"
+        )
     if draft_vocab is not None:
         tc = target_model.config
         keep = draft_vocabulary(draft_vocab, tc.vocab_size, draft_vocab_data, (tc.eos_token_id,))
@@ -215,13 +241,15 @@ def run_speculative_bench(
         if len(stream) < prompt_tokens:
             raise InvalidArgumentError(f"{prompt_file} has {len(stream)} tokens, fewer than --prompt-len")
         tail = stream[-max(len(stream) // 20, prompt_tokens) :]  # the last 5%: text no training run saw
-        starts = [round(s) for s in np.linspace(len(tail) - prompt_tokens, 0, prompts)]  # the last window first
+        starts = [round(s) for s in np.linspace(len(tail) - prompt_tokens, 0, prompts * batch)]  # the last first
         windows = [tail[s : s + prompt_tokens] for s in starts]
-        prompt_ids = [torch.tensor([w], dtype=torch.long, device=dev) for w in windows]
+        units = [windows[i * batch : (i + 1) * batch] for i in range(prompts)]
+        prompt_ids = [torch.tensor(u, dtype=torch.long, device=dev) for u in units]  # (batch, prompt_tokens) each
     else:
         generator = torch.Generator().manual_seed(seed)
         V = target_model.config.vocab_size
-        prompt_ids = [torch.randint(0, V, (1, prompt_tokens), generator=generator).to(dev) for _ in range(prompts)]
+        shape = (batch, prompt_tokens)
+        prompt_ids = [torch.randint(0, V, shape, generator=generator).to(dev) for _ in range(prompts)]
 
     def config(lookahead: int = 4) -> GenerationConfig:
         """Plain sampling without top-k, EOS ignored, so that every run makes exactly max_new_tokens."""
@@ -285,6 +313,7 @@ def run_speculative_bench(
             "max_new_tokens": max_new_tokens,
             "prompt_tokens": prompt_tokens,
             "prompts": prompts,
+            "batch": batch,
             "repeats": repeats,
             "temperature": temperature,
             "seed": seed,

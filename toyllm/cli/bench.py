@@ -465,6 +465,9 @@ def speculative(
     prompts: Annotated[
         int, typer.Option("--prompts", help="How many prompts (with --prompt-file: spread over its last 5%).")
     ] = 1,
+    batch: Annotated[
+        int, typer.Option("--batch", help="Decode this many prompts at once (batched plain vs batched speculative).")
+    ] = 1,
     repeats: Annotated[
         int, typer.Option("--repeats", help="Time everything this many times, interleaved; keep each fastest.")
     ] = 1,
@@ -507,6 +510,7 @@ def speculative(
         max_new_tokens=max_new_tokens,
         prompt_tokens=prompt_len,
         prompts=prompts,
+        batch=batch,
         repeats=repeats,
         temperature=temperature,
         seed=seed,
