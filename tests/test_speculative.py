@@ -574,8 +574,6 @@ def test_errors(target) -> None:
         list(speculative_stream(target, tiny(1, vocab=50), ids, config))
     with pytest.raises(InvalidArgumentError, match="batch size 1"):
         list(speculative_stream(target, target, ids.repeat(2, 1), config))
-    with pytest.raises(InvalidArgumentError, match="one prompt at a time"):
-        generate(target, ids, config, attention_mask=torch.tensor([[0, 1, 1]]), draft_model=target)
     with pytest.raises(InvalidArgumentError, match="context window"):
         long = torch.zeros(1, 70, dtype=torch.long)
         list(speculative_stream(target, target, long, GenerationConfig(max_new_tokens=4, sliding_window=False)))

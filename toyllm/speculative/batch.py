@@ -128,25 +128,27 @@ class BatchSpeculativeDecoder:
                 self.slot_tok[b, width - n : width] = r
                 self.slot_pos[b, width - n : width] = torch.arange(n, device=device)
                 self.slot_ok[b, width - n : width] = True
-        start = time.perf_counter()
-        for model, cache in ((self.target, self.target_cache), (self.draft, self.draft_cache)):
-            cache.reset()
-            if width:
-                prefill(model, cache, self.slot_tok[:, :width], self.slot_ok[:, :width], self.config.chunk_size)
-        _sync(device)
-        elapsed = time.perf_counter() - start
         s = self.stats
-        if width:
-            s.target_forwards += 1
-            s.draft_forwards += 1
-            s.draft_prefills += 1
-            s.target_seconds += elapsed / 2  # one prefill each; the two are not timed apart
-            s.draft_seconds += elapsed / 2
-            s.draft_prefill_seconds += elapsed / 2
-        if not self.primed:
-            s.prompt_forwards += 2 if width else 0
-            s.prompt_seconds += elapsed
-            self.primed = True
+        for is_target, model, cache in ((True, self.target, self.target_cache), (False, self.draft, self.draft_cache)):
+            cache.reset()
+            if not width:
+                continue
+            start = time.perf_counter()
+            prefill(model, cache, self.slot_tok[:, :width], self.slot_ok[:, :width], self.config.chunk_size)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            if is_target:
+                s.target_forwards += 1
+                s.target_seconds += elapsed
+            else:
+                s.draft_forwards += 1
+                s.draft_prefills += 1
+                s.draft_seconds += elapsed
+                s.draft_prefill_seconds += elapsed
+            if not self.primed:  # the prompts' fill (a compaction later is part of decoding)
+                s.prompt_forwards += 1
+                s.prompt_seconds += elapsed
+        self.primed = True
 
     def _forward(self, model: GPT2LMHeadModel, cache: KVCache, start: int, end: int, keep: int) -> torch.Tensor:
         """Feed slots [start, end) from the tables to `model`; return the logits of the last `keep`, (B, keep, V)."""
