@@ -95,7 +95,7 @@ def test_batch_greedy_with_adaptive_schedules(target, drafts, schedule: str) -> 
 
 
 def test_batch_greedy_compacts_a_small_window_with_penalty_and_eos() -> None:
-    """A 24-token window fills with holes after a few rounds, so the caches are rebuilt (compacted) mid-generation;
+    """A 24-token window fills with holes after a few rounds, so the caches are compacted mid-generation;
     a repetition penalty sees each row's own drafts; EOS ends rows at different times."""
     target = tiny(3, n_positions=24)
     ids, mask = left_padded((1, 4, 7, 2))
@@ -104,10 +104,14 @@ def test_batch_greedy_compacts_a_small_window_with_penalty_and_eos() -> None:
             max_new_tokens=16, temperature=0.0, eos_token_id=eos, lookahead=4, repetition_penalty=1.3
         )
         expected = generate(target, ids, config, attention_mask=mask)
-        out, spec = spec_run(target, target.first_layers(2), ids, mask, config)
-        assert torch.equal(out, expected)
+        assert torch.equal(spec_run(target, target.first_layers(2), ids, mask, config)[0], expected)
+        dec = BatchSpeculativeDecoder(target, target.first_layers(2), ids, config, attention_mask=mask)
+        with torch.inference_mode():
+            while not dec.done:
+                dec.step()
+        assert torch.equal(dec.tokens[:, : expected.shape[1]], expected)
         if eos is None:
-            assert spec.draft_prefills > 1  # the prompt's fill, then at least one compaction
+            assert dec.compactions > 0
 
 
 def test_batch_of_one_padded_row_and_text_api(target, drafts) -> None:
@@ -257,12 +261,18 @@ def tiny_cache(model: GPT2LMHeadModel, ids: torch.Tensor):
     return cache
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+@pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("n_positions", [64, 30])
-def test_batch_caches_equal_fresh_prefill_after_every_round(n_positions: int) -> None:
+def test_batch_caches_equal_fresh_prefill_after_every_round(n_positions: int, layers: int, temperature: float) -> None:
+    """Self drafts of 1 and 2 of 3 layers: rows accept different numbers of drafts (holes), and rows that accept
+    every draft leave the draft one slot behind, also when a compaction comes."""
     target = tiny(0, n_positions=n_positions)
-    draft = target.first_layers(1)
+    draft = target.first_layers(layers)
     ids, mask = left_padded((5, 1, 8))
-    config = GenerationConfig(max_new_tokens=20, temperature=1.0, top_k=0, seed=1, eos_token_id=None, lookahead=3)
+    config = GenerationConfig(
+        max_new_tokens=20, temperature=temperature, top_k=0, seed=1, eos_token_id=None, lookahead=3
+    )
     dec = BatchSpeculativeDecoder(target, draft, ids, config, attention_mask=mask)
     with torch.inference_mode():
         while not dec.done:
@@ -277,6 +287,7 @@ def test_batch_caches_equal_fresh_prefill_after_every_round(n_positions: int) ->
                 seen = int(dec.slot_ok[row, : dec.draft_cache.length].sum())
                 assert_row_cache(dec.draft_cache, dec.slot_ok, dec.draft_cache.length, draft, row, seq[:seen])
     assert dec.stats.new_tokens == 3 * 20
+    assert (dec.compactions > 0) == (n_positions == 30)  # the small window is compacted mid-generation
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
@@ -312,3 +323,30 @@ def test_bench_speculative_batch(tmp_path) -> None:
     assert row["decode_speedup"] == pytest.approx(plain["token_seconds"] / decode_token)
     with pytest.raises(InvalidArgumentError, match="--batch needs"):
         run_speculative_bench(**kw, prompt_tokens=1020, batch=2, device="cpu")
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_compacting_after_every_round_is_exact(layers: int) -> None:
+    """Compaction forced after every round (whatever the draft's lag) keeps both caches a fresh prefill of each row
+    and the output plain batched greedy decoding's."""
+    target = tiny(0)
+    draft = target.first_layers(layers)
+    ids, mask = left_padded((5, 1, 8))
+    config = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=None, lookahead=3)
+    dec = BatchSpeculativeDecoder(target, draft, ids, config, attention_mask=mask)
+    lagged = 0
+    with torch.inference_mode():
+        while not dec.done:
+            dec.step()
+            lagged += dec.draft_cache.length < dec.target_cache.length
+            dec._compact()
+            assert dec.draft_cache.length == dec.target_cache.length
+            for row in range(3):
+                if dec.finished[row]:
+                    continue
+                seq = dec.tokens[row, : dec.end[row]][dec.token_ok[row, : dec.end[row]]]
+                assert_row_cache(dec.target_cache, dec.slot_ok, dec.target_cache.length, target, row, seq[:-1])
+                assert_row_cache(dec.draft_cache, dec.slot_ok, dec.draft_cache.length, draft, row, seq[:-1])
+    assert lagged > 0  # some compactions found the draft a slot behind
+    expected = generate(target, ids, config, attention_mask=mask)
+    assert torch.equal(dec.tokens[:, : expected.shape[1]], expected)

@@ -15,7 +15,7 @@ per-slot tables describe the layout, shared by both models:
 A row's positions count only its own tokens, so holes take no position: the model sees exactly the sequence that
 plain decoding would give it. Rejected slots beyond the longest row's accepted ones are cut off (`truncate`); the
 rest are masked. The cache length grows by max_b(n_b + 1) per round, so holes use up slots; when the next round would
-not fit, `_refill` rebuilds both caches from every live row's tokens, left-padded, in one prefill (compaction).
+not fit, `_compact` moves every row's visible slots to the front of both caches (a gather, no model forward).
 
 The draft replays the slots it has not seen from the tables: after a round where some row accepted all k drafts, that
 row's last draft sits in a slot only the target filled, and the draft's first forward of the next round feeds it
@@ -108,34 +108,23 @@ class BatchSpeculativeDecoder:
         self.greedy = config.temperature == 0.0
         self.done = False
         self.primed = False
+        self.compactions = 0
 
     # -- the caches ----------------------------------------------------------------------------------------------
 
-    def _refill(self) -> None:
-        """Rebuild both caches from every live row's tokens but its last, left-padded: no holes afterwards."""
-        B, device = self.tokens.shape[0], self.tokens.device
-        rows = [
-            self.tokens[b, : self.end[b] - 1][self.token_ok[b, : self.end[b] - 1]] if not self.finished[b] else None
-            for b in range(B)
-        ]
-        width = max((r.numel() for r in rows if r is not None), default=0)
-        self.slot_ok.zero_()
-        self.slot_tok.zero_()
-        self.slot_pos.zero_()
-        for b, r in enumerate(rows):
-            if r is not None and r.numel():
-                n = r.numel()
-                self.slot_tok[b, width - n : width] = r
-                self.slot_pos[b, width - n : width] = torch.arange(n, device=device)
-                self.slot_ok[b, width - n : width] = True
+    def _fill_prompts(self) -> None:
+        """Both caches take every prompt but its last token: the slots are the left-padded prompt columns."""
+        n = self.prompt_columns - 1
+        self.slot_tok[:, :n] = self.tokens[:, :n]
+        self.slot_ok[:, :n] = self.token_ok[:, :n]
+        self.slot_pos[:, :n] = (self.token_ok[:, :n].long().cumsum(dim=1) - 1).clamp(min=0)  # padding takes no position
         s = self.stats
         for is_target, model, cache in ((True, self.target, self.target_cache), (False, self.draft, self.draft_cache)):
-            cache.reset()
-            if not width:
-                continue
+            if not n:
+                break
             start = time.perf_counter()
-            prefill(model, cache, self.slot_tok[:, :width], self.slot_ok[:, :width], self.config.chunk_size)
-            _sync(device)
+            prefill(model, cache, self.slot_tok[:, :n], self.slot_ok[:, :n], self.config.chunk_size)
+            _sync(self.tokens.device)
             elapsed = time.perf_counter() - start
             if is_target:
                 s.target_forwards += 1
@@ -145,10 +134,44 @@ class BatchSpeculativeDecoder:
                 s.draft_prefills += 1
                 s.draft_seconds += elapsed
                 s.draft_prefill_seconds += elapsed
-            if not self.primed:  # the prompts' fill (a compaction later is part of decoding)
-                s.prompt_forwards += 1
-                s.prompt_seconds += elapsed
+            s.prompt_forwards += 1
+            s.prompt_seconds += elapsed
         self.primed = True
+
+    def _compact(self) -> None:
+        """Close the holes: move every live row's visible slots to the front (left-padded) in both caches and the
+        tables. A key/value pair depends on its token and what that token saw, not on its slot, so moving it is exact;
+        this is a gather over the cache, far cheaper than recomputing it."""
+        C = self.target_cache.length
+        if self.draft_cache.length < C:  # bring the draft level first, so that one slot map serves both caches
+            self._timed_draft(self.draft_cache.length, C)
+        ok = self.slot_ok[:, :C] & ~self.finished[:, None]  # (B, C); finished rows give up all their slots
+        width = int(ok.sum(dim=1).max())
+        slots = torch.arange(C, device=ok.device)
+        # Hidden slots sort first (key -1), visible ones last in their order; the last `width` columns of each row
+        # are its visible slots, preceded by hidden ones that act as left padding.
+        order = torch.where(ok, slots, -1).sort(dim=1).indices[:, C - width :]  # (B, width) old slot of each new one
+        for table in (self.slot_tok, self.slot_pos):
+            table[:, :width] = table[:, :C].gather(1, order)
+        self.slot_ok[:, :width] = ok.gather(1, order)
+        self.slot_ok[:, width:] = False
+        for cache in (self.target_cache, self.draft_cache):
+            for buffers in (cache.k, cache.v):
+                for layer, t in enumerate(buffers):
+                    B, H, _, D = t.shape
+                    index = order[:, None, :, None].expand(B, H, width, D)
+                    buffers[layer][:, :, :width] = t[:, :, :C].gather(2, index)  # (B, H, width, D)
+            cache.truncate(width)
+        self.compactions += 1
+
+    def _timed_draft(self, start: int, end: int) -> torch.Tensor:
+        """A draft forward over slots [start, end); its last position's logits, (B, V)."""
+        t0 = time.perf_counter()
+        logits = self._forward(self.draft, self.draft_cache, start, end, 1)[:, -1]
+        _sync(logits.device)
+        self.stats.draft_forwards += 1
+        self.stats.draft_seconds += time.perf_counter() - t0
+        return logits
 
     def _forward(self, model: GPT2LMHeadModel, cache: KVCache, start: int, end: int, keep: int) -> torch.Tensor:
         """Feed slots [start, end) from the tables to `model`; return the logits of the last `keep`, (B, keep, V)."""
@@ -200,7 +223,7 @@ class BatchSpeculativeDecoder:
             return
         start = time.perf_counter()
         if not self.primed:
-            self._refill()
+            self._fill_prompts()
         self._round()
         _sync(self.tokens.device)
         self.stats.total_seconds += time.perf_counter() - start
@@ -212,8 +235,8 @@ class BatchSpeculativeDecoder:
         rows = torch.arange(B, device=live.device)
         remaining = cfg.max_new_tokens - (self.end - self.prompt_columns)  # (B,)
         k = min(self.schedule.lookahead, int(remaining[live].max()) - 1)
-        if self.target_cache.length + k + 1 > self.window:  # holes used up the slots: compact, then retry
-            self._refill()
+        if self.target_cache.length + k + 1 > self.window:  # holes used up the slots: close them
+            self._compact()
             k = min(k, self.window - self.target_cache.length - 1)
         C = self.target_cache.length  # slot of each row's last token this round
         last = self.tokens[rows, self.end - 1]
@@ -223,11 +246,7 @@ class BatchSpeculativeDecoder:
         self.schedule.start_round()
         drafts, qs, confidences = [], [], []
         for i in range(1, k + 1):
-            t0 = time.perf_counter()
-            logits = self._forward(self.draft, self.draft_cache, self.draft_cache.length, C + i, 1)[:, -1]  # (B, V)
-            _sync(logits.device)
-            s.draft_forwards += 1
-            s.draft_seconds += time.perf_counter() - t0
+            logits = self._timed_draft(self.draft_cache.length, C + i)  # (B, V)
             processed = self._process(logits, self.end + i - 1)
             confidence = (
                 float(torch.softmax(processed, dim=-1).max(dim=-1).values[live].max())
