@@ -7,6 +7,9 @@ with deliberately broken variants that must fail), and a fresh one-row prefill o
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 import torch
 from test_speculative import (
@@ -27,7 +30,8 @@ from test_speculative import (
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate, generate_text
 from toyllm.gpt2 import GPT2LMHeadModel
-from toyllm.speculative import BatchSpeculativeDecoder, SpeculativeStats, batch_speculative_stream
+from toyllm.sampling import process_logits
+from toyllm.speculative import BatchSpeculativeDecoder, SpeculativeDecoder, SpeculativeStats, batch_speculative_stream
 from toyllm.speculative.verify import verify_drafts
 
 
@@ -94,39 +98,119 @@ def test_batch_greedy_with_adaptive_schedules(target, drafts, schedule: str) -> 
         assert torch.equal(spec_run(target, drafts[kind], ids, mask, config)[0], expected)
 
 
-def test_batch_greedy_compacts_a_small_window_with_penalty_and_eos() -> None:
-    """A 24-token window fills with holes after a few rounds, so the caches are compacted mid-generation;
-    a repetition penalty sees each row's own drafts; EOS ends rows at different times."""
+def run_to_end(dec: BatchSpeculativeDecoder) -> BatchSpeculativeDecoder:
+    with torch.inference_mode():
+        while not dec.done:
+            dec.step()
+    return dec
+
+
+def test_batch_greedy_compacts_a_small_window_with_penalty() -> None:
+    """A 24-token window fills with holes after a few rounds, so the caches are compacted mid-generation, and a
+    repetition penalty sees each row's own drafts."""
     target = tiny(3, n_positions=24)
     ids, mask = left_padded((1, 4, 7, 2))
-    for eos in (None, 11, 40):
-        config = GenerationConfig(
-            max_new_tokens=16, temperature=0.0, eos_token_id=eos, lookahead=4, repetition_penalty=1.3
+    config = GenerationConfig(
+        max_new_tokens=16, temperature=0.0, eos_token_id=None, lookahead=4, repetition_penalty=1.3
+    )
+    expected = generate(target, ids, config, attention_mask=mask)
+    dec = run_to_end(BatchSpeculativeDecoder(target, target.first_layers(2), ids, config, attention_mask=mask))
+    assert torch.equal(dec.tokens[:, : expected.shape[1]], expected)
+    assert dec.stats.compactions > 0
+
+
+def test_batch_greedy_random_cases_with_stops_that_fire() -> None:
+    """Randomized but seeded: batches of 2 to 4 prompts of random lengths in small windows (16 to 32 tokens, so long
+    rows run ahead of short ones and holes force compactions, also after some rows finished), random K, schedule and
+    penalty. EOS and stop strings are taken from the plain output, so they really end some rows mid-generation.
+    Every case must equal plain batched decoding; the tallies check that the stops and compactions did happen."""
+    rng = random.Random(0)
+    tok = LetterTokenizer(96)
+    targets = {n: tiny(0, n_positions=n) for n in (16, 24, 32)}
+    tally = {"rows stopped early": 0, "rows ran to the end": 0, "compactions with finished rows": 0}
+    for case in range(40):
+        window = rng.choice(list(targets))
+        target = targets[window]
+        draft = target.first_layers(rng.choice([1, 2]))
+        B, max_new = rng.randint(2, 4), rng.randint(4, 12)
+        ids, mask = left_padded(tuple(rng.randint(1, window - max_new) for _ in range(B)), seed=case)
+        free = generate(
+            target,
+            ids,
+            GenerationConfig(max_new_tokens=max_new, temperature=0.0, eos_token_id=None),
+            attention_mask=mask,
+        )[:, ids.shape[1] :]
+        row, col = rng.randrange(B), rng.randrange(1, max_new)
+        stop: dict = (
+            {"eos_token_id": int(free[row, col])}
+            if case % 2
+            else {"eos_token_id": None, "stop": [tok.decode(free[row, col - 1 : col + 1].tolist())]}
         )
-        expected = generate(target, ids, config, attention_mask=mask)
-        assert torch.equal(spec_run(target, target.first_layers(2), ids, mask, config)[0], expected)
-        dec = BatchSpeculativeDecoder(target, target.first_layers(2), ids, config, attention_mask=mask)
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            temperature=0.0,
+            lookahead=rng.randint(1, 6),
+            max_lookahead=8,
+            lookahead_schedule=rng.choice(["constant", "heuristic", "threshold"]),
+            repetition_penalty=rng.choice([1.0, 1.3]),
+            **stop,
+        )
+        expected = generate(target, ids, config, attention_mask=mask, tokenizer=tok)
+        out = generate(target, ids, config, attention_mask=mask, tokenizer=tok, draft_model=draft)
+        assert torch.equal(out, expected), f"case {case}"
+        # The same run step by step, to see what happened in it.
+        dec = BatchSpeculativeDecoder(target, draft, ids, config, attention_mask=mask, tokenizer=tok)
         with torch.inference_mode():
             while not dec.done:
+                before, some_finished = dec.stats.compactions, bool(dec.finished.any())
                 dec.step()
-        assert torch.equal(dec.tokens[:, : expected.shape[1]], expected)
-        if eos is None:
-            assert dec.compactions > 0
+                tally["compactions with finished rows"] += some_finished and dec.stats.compactions > before
+        generated = (dec.next_column - dec.prompt_columns).tolist()
+        tally["rows stopped early"] += sum(g < max_new for g in generated)
+        tally["rows ran to the end"] += sum(g == max_new for g in generated)
+    assert all(n > 5 for n in tally.values()), tally
 
 
-def test_batch_of_one_padded_row_and_text_api(target, drafts) -> None:
-    """`generate` takes the batch path for B > 1 or any padding; `generate_text` with a list of prompts, stop strings
-    and EOS gives plain decoding's texts."""
+@pytest.mark.parametrize("schedule", ["constant", "heuristic", "threshold"])
+def test_batch_of_one_drafts_like_the_one_prompt_decoder(target, drafts, schedule: str) -> None:
+    """One row through the batched decoder makes the same rounds as the one-prompt decoder: the same drafts per
+    round, the same acceptances, the same tokens (the threshold schedule with c fixed, so it does not depend on
+    timings)."""
+    config = GenerationConfig(
+        max_new_tokens=30, temperature=0.0, eos_token_id=None, lookahead=2, lookahead_schedule=schedule
+    )
+
+    def schedule_for(config: GenerationConfig):
+        return fixed_threshold(config) if schedule == "threshold" else None
+
+    for ids in (torch.tensor([[5, 17, 3]]), torch.tensor([[40]])):
+        one = SpeculativeDecoder(target, drafts["self"], ids, config, schedule=schedule_for(config))
+        with torch.inference_mode():
+            while not one.done:
+                one.step()
+        batch = run_to_end(BatchSpeculativeDecoder(target, drafts["self"], ids, config, schedule=schedule_for(config)))
+        assert batch.stats.lookaheads == one.stats.lookaheads
+        assert batch.stats.accepted_per_round == one.stats.accepted_per_round
+        assert (batch.stats.proposed, batch.stats.accepted) == (one.stats.proposed, one.stats.accepted)
+        assert torch.equal(batch.tokens[0, : one.length], one.tokens[: one.length])
+
+
+def test_batch_text_api_and_a_single_padded_row(target, drafts) -> None:
+    """`generate` takes the batch path for B > 1 or any padding; `generate_text` with a list of prompts gives plain
+    decoding's texts, also with stop strings that end some rows early (taken from the plain output)."""
     ids, mask = left_padded((2, 6))
     config = GenerationConfig(max_new_tokens=12, temperature=0.0, eos_token_id=None, lookahead=3)
     one = generate(target, ids[:1], config, attention_mask=mask[:1], draft_model=drafts["self"])
     assert torch.equal(one, generate(target, ids[:1], config, attention_mask=mask[:1]))
     tok = LetterTokenizer(96)
     prompts = ["hello", "ab", "the cat sat"]
-    for stop in ((), ("e", "a"), ("zz",)):
-        config = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=tok.eos_token_id, stop=stop)
-        plain = generate_text(target, tok, prompts, config)
-        assert generate_text(target, tok, prompts, config, draft_model=drafts["self"]) == plain
+    config = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=None)
+    free = generate_text(target, tok, prompts, config)
+    stop = free[1][5:7]  # two characters from the middle of the second row's completion
+    config = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=tok.eos_token_id, stop=[stop])
+    plain = generate_text(target, tok, prompts, config)
+    assert len(plain[1]) < len(free[1])  # the stop string did cut that row
+    assert generate_text(target, tok, prompts, config, draft_model=drafts["self"]) == plain
 
 
 def test_batch_streaming_blocks_and_stats(target, drafts) -> None:
@@ -134,16 +218,31 @@ def test_batch_streaming_blocks_and_stats(target, drafts) -> None:
     config = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=None, lookahead=4)
     stats = GenerationStats()
     blocks: list[torch.Tensor] = []
-    out = generate(
-        target, ids, config, attention_mask=mask, draft_model=drafts["self"], streamer=blocks.append, stats=stats
-    )
-    assert all(b.shape[0] == 3 and b.shape[1] >= 1 for b in blocks)
-    assert torch.equal(torch.cat([ids, *blocks], dim=1), out)
+    generate(target, ids, config, attention_mask=mask, draft_model=drafts["same"], streamer=blocks.append, stats=stats)
+    assert all(b.shape[0] == 3 for b in blocks)
+    assert max(b.shape[1] for b in blocks) > 1  # several tokens per round came out together
+    assert torch.equal(torch.cat([ids, *blocks], dim=1), generate(target, ids, config, attention_mask=mask))
     assert stats.new_tokens == 20
     extra = stats.extra
     assert extra["proposed"] >= extra["accepted"] > 0
     assert extra["acceptance_rate"] == pytest.approx(extra["accepted"] / extra["proposed"])
     assert extra["tokens_per_target_forward"] == pytest.approx(3 * 20 / extra["rounds"])  # summed over rows
+
+
+def test_batch_counts_only_the_drafts_a_row_could_use(target, drafts) -> None:
+    """k follows the row with the most room left; a row nearer its end counts only the drafts it could emit. So
+    with no stops, every row-round emits its accepted drafts plus one token, exactly."""
+    ids, mask = left_padded((3, 11, 6))
+    config = GenerationConfig(max_new_tokens=17, temperature=0.0, eos_token_id=None, lookahead=5)
+    dec = BatchSpeculativeDecoder(target, drafts["self"], ids, config, attention_mask=mask)
+    row_rounds = 0
+    with torch.inference_mode():
+        while not dec.done:
+            row_rounds += int((~dec.finished).sum())
+            dec.step()
+    assert dec.stats.new_tokens == 3 * 17
+    assert dec.stats.new_tokens == dec.stats.accepted + row_rounds
+    assert len(dec.stats.accepted_per_round) == len(dec.stats.lookaheads) == dec.stats.rounds
 
 
 # -- the output distribution of every row is the target's ---------------------------------------------------------
@@ -237,6 +336,58 @@ def test_the_batch_test_catches_broken_variants(small_pair, broken, knobs) -> No
     assert min(p_values) < ALPHA
 
 
+def exact_continuations(model: GPT2LMHeadModel, prompt: torch.Tensor, n: int, config: GenerationConfig) -> torch.Tensor:
+    """P(x_1 .. x_n | prompt) for every continuation of n tokens over a vocabulary of V_SMALL, (V_SMALL^n,)."""
+    outs = torch.tensor(list(itertools.product(range(V_SMALL), repeat=n)))  # (V^n, n), first token most significant
+    seqs = torch.cat([prompt.expand(len(outs), -1), outs], dim=1)
+    with torch.no_grad():
+        logits = model(seqs)  # no cache: the plain reference path
+    T0 = prompt.shape[1]
+    log_p = torch.zeros(len(outs), dtype=torch.float64)
+    for j in range(n):
+        processed = process_logits(
+            logits[:, T0 - 1 + j],
+            seqs[:, : T0 + j],
+            temperature=config.temperature,
+            top_k=config.top_k,
+            repetition_penalty=config.repetition_penalty,
+        )
+        log_p += torch.log_softmax(processed.double(), dim=-1).gather(1, outs[:, j : j + 1]).squeeze(1)
+    return log_p.exp()
+
+
+V_SMALL = 4
+
+
+@pytest.mark.slow
+def test_batch_distribution_is_exact_through_compactions() -> None:
+    """Where the test above does not reach: an 8-slot window and 4 new tokens, so every run compacts its caches while
+    rows are still live, drafts are replayed, and rows end at different rounds. 20,000 samples of the 4-token
+    continuation (256 outcomes) per prompt, the same chi-square test, with a repetition penalty."""
+    kw = dict(vocab=V_SMALL, n_layer=1, n_positions=8, std=0.7)
+    target, draft = tiny(0, **kw), tiny(1, **kw)
+    ids = torch.tensor([[0, 0, 2], [1, 3, 2]] * (ROWS // 2))
+    mask = torch.tensor([[0, 0, 1], [1, 1, 1]] * (ROWS // 2))
+    config = GenerationConfig(
+        max_new_tokens=4, temperature=1.0, top_k=0, eos_token_id=None, lookahead=2, repetition_penalty=1.2
+    )
+    counts = [torch.zeros(V_SMALL**4, dtype=torch.float64) for _ in range(2)]
+    weights = V_SMALL ** torch.arange(3, -1, -1)  # a continuation's index in exact_continuations' order
+    compactions = 0
+    with torch.inference_mode():
+        for run in range(N_SAMPLES * 2 // ROWS):
+            config.seed = run
+            dec = run_to_end(BatchSpeculativeDecoder(target, draft, ids, config, attention_mask=mask))
+            compactions += dec.stats.compactions
+            for row, code in enumerate((dec.tokens[:, 3:7] * weights).sum(dim=1).tolist()):
+                counts[row % 2][code] += 1
+    assert compactions >= N_SAMPLES * 2 // ROWS  # at least one per run
+    for prompt, c in zip((torch.tensor([[2]]), torch.tensor([[1, 3, 2]])), counts, strict=True):
+        p_value = chi_square_p_value(c, exact_continuations(target, prompt, 4, config))
+        print(f"prompt {prompt.tolist()}: chi-square p-value {p_value:.3g}")
+        assert c.sum() == N_SAMPLES and p_value > ALPHA
+
+
 # -- caches: each row's visible slots are a fresh prefill of its accepted tokens -----------------------------------
 
 
@@ -280,14 +431,14 @@ def test_batch_caches_equal_fresh_prefill_after_every_round(n_positions: int, la
             for row in range(3):
                 if dec.finished[row]:
                     continue
-                seq = dec.tokens[row, : dec.end[row]][dec.token_ok[row, : dec.end[row]]]
-                assert seq.numel() == dec.length[row]
+                seq = dec.tokens[row, : dec.next_column[row]][dec.token_ok[row, : dec.next_column[row]]]
+                assert seq.numel() == dec.next_column[row] - dec.padding[row]
                 # The target holds every accepted token but the newest; the draft holds a prefix of that.
                 assert_row_cache(dec.target_cache, dec.slot_ok, dec.target_cache.length, target, row, seq[:-1])
                 seen = int(dec.slot_ok[row, : dec.draft_cache.length].sum())
                 assert_row_cache(dec.draft_cache, dec.slot_ok, dec.draft_cache.length, draft, row, seq[:seen])
     assert dec.stats.new_tokens == 3 * 20
-    assert (dec.compactions > 0) == (n_positions == 30)  # the small window is compacted mid-generation
+    assert (dec.stats.compactions > 0) == (n_positions == 30)  # the small window is compacted mid-generation
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
@@ -344,7 +495,7 @@ def test_compacting_after_every_round_is_exact(layers: int) -> None:
             for row in range(3):
                 if dec.finished[row]:
                     continue
-                seq = dec.tokens[row, : dec.end[row]][dec.token_ok[row, : dec.end[row]]]
+                seq = dec.tokens[row, : dec.next_column[row]][dec.token_ok[row, : dec.next_column[row]]]
                 assert_row_cache(dec.target_cache, dec.slot_ok, dec.target_cache.length, target, row, seq[:-1])
                 assert_row_cache(dec.draft_cache, dec.slot_ok, dec.draft_cache.length, draft, row, seq[:-1])
     assert lagged > 0  # some compactions found the draft a slot behind

@@ -152,21 +152,20 @@ class _StopChecker:
             self.finished |= (new == self.eos).any(dim=-1)
         if self.stop:
             for row in range(generated.shape[0]):
-                if not self.finished[row]:
-                    assert self.tokenizer is not None
-                    text = self.tokenizer.decode(generated[row, -self.tail - new.shape[1] :].tolist())
-                    if any(s in text for s in self.stop):
-                        self.finished[row] = True
+                if not self.finished[row] and self._stop_string_in(generated[row, -self.tail - new.shape[1] :]):
+                    self.finished[row] = True
 
     def update_row(self, row: int, generated: torch.Tensor) -> None:
-        """The same check for one row that has just emitted one token; generated: (G,) that row's new tokens."""
-        if self.eos is not None and int(generated[-1]) == self.eos:
+        """`update` for one row that has just emitted one token (rows of a batched speculative round emit different
+        numbers of tokens); generated: (G,) that row's new tokens so far."""
+        eos = self.eos is not None and int(generated[-1]) == self.eos
+        if eos or (self.stop and self._stop_string_in(generated[-self.tail - 1 :])):
             self.finished[row] = True
-        elif self.stop:
-            assert self.tokenizer is not None
-            text = self.tokenizer.decode(generated[-self.tail - 1 :].tolist())
-            if any(s in text for s in self.stop):
-                self.finished[row] = True
+
+    def _stop_string_in(self, tail: torch.Tensor) -> bool:
+        assert self.tokenizer is not None
+        text = self.tokenizer.decode(tail.tolist())
+        return any(s in text for s in self.stop)
 
 
 def stream_tokens(

@@ -141,6 +141,7 @@ def _row(
         "target_forwards": spec.target_forwards,
         "draft_forwards": spec.draft_forwards,
         "prompt_forwards": spec.prompt_forwards,  # left out of the decode speedup, with their `prompt` seconds
+        "compactions": spec.compactions,  # batches: times the caches' holes were closed
         "seconds": {
             "total": seconds,
             "target": spec.target_seconds,

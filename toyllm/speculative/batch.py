@@ -49,9 +49,9 @@ from toyllm.speculative.verify import verify_drafts, verify_greedy
 class BatchSpeculativeDecoder:
     """The state of one batched speculative generation; `step()` runs one round.
 
-    Exposed for tests: `tokens` (B, columns) holds the left-padded prompts then each row's new tokens, row b's
-    sequence being `tokens[b, :end[b]]` where `token_ok` is True; `target_cache`, `draft_cache` and the slot tables
-    `slot_tok`, `slot_pos`, `slot_ok` describe the caches (see the module docstring).
+    Exposed for tests: `tokens` (B, columns) holds the left-padded prompts then each row's new tokens; row b's
+    sequence is `tokens[b, :next_column[b]]` where `token_ok` is True. `target_cache`, `draft_cache` and the slot
+    tables `slot_tok`, `slot_pos`, `slot_ok` describe the caches (see the module docstring).
     """
 
     def __init__(
@@ -93,8 +93,9 @@ class BatchSpeculativeDecoder:
         self.tokens[:, :T0] = input_ids
         self.token_ok = torch.zeros(B, columns, dtype=torch.bool, device=device)
         self.token_ok[:, :T0] = prompt_ok
-        self.end = torch.full((B,), T0, dtype=torch.long, device=device)  # one past each row's last token (column)
-        self.length = lengths.clone()  # each row's real length: the position of its next token
+        # Column of each row's next token. Its position (for wpe) is that minus the row's left padding.
+        self.next_column = torch.full((B,), T0, dtype=torch.long, device=device)
+        self.padding = T0 - lengths  # (B,)
         self.target_cache = KVCache.for_model(target, B, max_len=W)
         self.draft_cache = KVCache.for_model(draft, B, max_len=W)
         self.slot_tok = torch.zeros(B, W, dtype=torch.long, device=device)
@@ -108,35 +109,41 @@ class BatchSpeculativeDecoder:
         self.greedy = config.temperature == 0.0
         self.done = False
         self.primed = False
-        self.compactions = 0
 
     # -- the caches ----------------------------------------------------------------------------------------------
 
     def _fill_prompts(self) -> None:
         """Both caches take every prompt but its last token: the slots are the left-padded prompt columns."""
+        self.primed = True
         n = self.prompt_columns - 1
         self.slot_tok[:, :n] = self.tokens[:, :n]
         self.slot_ok[:, :n] = self.token_ok[:, :n]
         self.slot_pos[:, :n] = (self.token_ok[:, :n].long().cumsum(dim=1) - 1).clamp(min=0)  # padding takes no position
+        if n == 0:
+            return
         s = self.stats
-        for is_target, model, cache in ((True, self.target, self.target_cache), (False, self.draft, self.draft_cache)):
-            if not n:
-                break
-            start = time.perf_counter()
-            prefill(model, cache, self.slot_tok[:, :n], self.slot_ok[:, :n], self.config.chunk_size)
-            _sync(self.tokens.device)
-            elapsed = time.perf_counter() - start
-            if is_target:
-                s.target_forwards += 1
-                s.target_seconds += elapsed
-            else:
-                s.draft_forwards += 1
-                s.draft_prefills += 1
-                s.draft_seconds += elapsed
-                s.draft_prefill_seconds += elapsed
-            s.prompt_forwards += 1
-            s.prompt_seconds += elapsed
-        self.primed = True
+        start = time.perf_counter()
+        prefill(self.target, self.target_cache, self.slot_tok[:, :n], self.slot_ok[:, :n], self.config.chunk_size)
+        _sync(self.tokens.device)
+        middle = time.perf_counter()
+        prefill(self.draft, self.draft_cache, self.slot_tok[:, :n], self.slot_ok[:, :n], self.config.chunk_size)
+        _sync(self.tokens.device)
+        end = time.perf_counter()
+        s.target_forwards += 1
+        s.target_seconds += middle - start
+        s.draft_forwards += 1
+        s.draft_prefills += 1
+        s.draft_seconds += end - middle
+        s.draft_prefill_seconds += end - middle
+        s.prompt_forwards += 2
+        s.prompt_seconds += end - start
+
+    def _write_slot(self, slot: int, token: torch.Tensor, position: torch.Tensor) -> None:
+        """Record (B,) tokens at `slot` of every row. A draft past a row's budget or window is never emitted, but it
+        still goes through the models with the others: its position is clamped to stay a valid wpe index."""
+        self.slot_tok[:, slot] = token
+        self.slot_pos[:, slot] = position.clamp(max=self.window - 1)
+        self.slot_ok[:, slot] = True
 
     def _compact(self) -> None:
         """Close the holes: move every live row's visible slots to the front (left-padded) in both caches and the
@@ -148,21 +155,30 @@ class BatchSpeculativeDecoder:
         ok = self.slot_ok[:, :C] & ~self.finished[:, None]  # (B, C); finished rows give up all their slots
         width = int(ok.sum(dim=1).max())
         slots = torch.arange(C, device=ok.device)
-        # Hidden slots sort first (key -1), visible ones last in their order; the last `width` columns of each row
-        # are its visible slots, preceded by hidden ones that act as left padding.
-        order = torch.where(ok, slots, -1).sort(dim=1).indices[:, C - width :]  # (B, width) old slot of each new one
+        # Hidden slots get key -1 and sort first; visible ones keep their order (a stable sort). The last `width`
+        # columns are then each row's visible slots, preceded by hidden ones that act as left padding.
+        order = torch.where(ok, slots, -1).sort(dim=1, stable=True).indices[:, C - width :]  # (B, width) old slots
         for table in (self.slot_tok, self.slot_pos):
             table[:, :width] = table[:, :C].gather(1, order)
         self.slot_ok[:, :width] = ok.gather(1, order)
         self.slot_ok[:, width:] = False
         for cache in (self.target_cache, self.draft_cache):
             for buffers in (cache.k, cache.v):
-                for layer, t in enumerate(buffers):
+                for t in buffers:  # (B, heads, max_len, head_dim)
                     B, H, _, D = t.shape
-                    index = order[:, None, :, None].expand(B, H, width, D)
-                    buffers[layer][:, :, :width] = t[:, :, :C].gather(2, index)  # (B, H, width, D)
+                    t[:, :, :width] = t[:, :, :C].gather(2, order[:, None, :, None].expand(B, H, width, D))
             cache.truncate(width)
-        self.compactions += 1
+        self.stats.compactions += 1
+
+    def _forward(self, model: GPT2LMHeadModel, cache: KVCache, start: int, end: int, last: int) -> torch.Tensor:
+        """Feed slots [start, end) from the tables to `model`; return the logits of the `last` ones, (B, last, V)."""
+        return model(
+            self.slot_tok[:, start:end],
+            cache=cache,
+            position_ids=self.slot_pos[:, start:end],
+            attention_mask=self.slot_ok[:, :end],  # (B, end): cached plus new slots, holes and padding hidden
+            logits_to_keep=last,
+        )
 
     def _timed_draft(self, start: int, end: int) -> torch.Tensor:
         """A draft forward over slots [start, end); its last position's logits, (B, V)."""
@@ -173,29 +189,20 @@ class BatchSpeculativeDecoder:
         self.stats.draft_seconds += time.perf_counter() - t0
         return logits
 
-    def _forward(self, model: GPT2LMHeadModel, cache: KVCache, start: int, end: int, keep: int) -> torch.Tensor:
-        """Feed slots [start, end) from the tables to `model`; return the logits of the last `keep`, (B, keep, V)."""
-        return model(
-            self.slot_tok[:, start:end],
-            cache=cache,
-            position_ids=self.slot_pos[:, start:end],
-            attention_mask=self.slot_ok[:, :end],
-            logits_to_keep=keep,
-        )
-
     # -- sampling ------------------------------------------------------------------------------------------------
 
     def _process(self, logits: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
-        """Plain generation's pipeline on (R, V) logits, where row r has seen columns [0, upto[r]) of its sequence."""
+        """Plain generation's pipeline on (B * P, V) logits, P positions per row in row-major order (row b's are
+        b * P .. b * P + P - 1), where logits row r comes after columns [0, upto[r]) of its sequence."""
         c = self.config
         previous = valid = None
         if c.repetition_penalty != 1.0:
-            rows = logits.shape[0] // self.tokens.shape[0]  # positions per sequence
+            per_row = logits.shape[0] // self.tokens.shape[0]  # P
             columns = int(upto.max())
-            previous = self.tokens[:, :columns].repeat_interleave(rows, dim=0)  # (R, columns)
+            previous = self.tokens[:, :columns].repeat_interleave(per_row, dim=0)  # (B * P, columns)
             col = torch.arange(columns, device=upto.device)[None]  # (1, columns)
             # The prompt's real tokens, then everything after it up to upto (accepted tokens and this round's drafts).
-            ok = self.token_ok[:, :columns].repeat_interleave(rows, dim=0) | (col >= self.prompt_columns)
+            ok = self.token_ok[:, :columns].repeat_interleave(per_row, dim=0) | (col >= self.prompt_columns)
             valid = ok & (col < upto[:, None])
         return process_logits(
             logits,
@@ -229,110 +236,140 @@ class BatchSpeculativeDecoder:
         self.stats.total_seconds += time.perf_counter() - start
 
     def _round(self) -> None:
-        cfg, s = self.config, self.stats
-        live = ~self.finished
-        B = live.shape[0]
-        rows = torch.arange(B, device=live.device)
-        remaining = cfg.max_new_tokens - (self.end - self.prompt_columns)  # (B,)
-        k = min(self.schedule.lookahead, int(remaining[live].max()) - 1)
+        cfg = self.config
+        B = self.tokens.shape[0]
+        live = [not f for f in self.finished.tolist()]
+        generated = (self.next_column - self.prompt_columns).tolist()
+        budget = [cfg.max_new_tokens - g for g in generated]  # tokens each row may still emit
+        # One k for the batch: the schedule's, but no more than the row with the most room left can use.
+        k = min(self.schedule.lookahead, max(budget[b] for b in range(B) if live[b]) - 1)
         if self.target_cache.length + k + 1 > self.window:  # holes used up the slots: close them
             self._compact()
             k = min(k, self.window - self.target_cache.length - 1)
-        C = self.target_cache.length  # slot of each row's last token this round
-        last = self.tokens[rows, self.end - 1]
-        self._write_slot(C, last, self.length - 1)
+        C = self.target_cache.length  # the slot of every row's last token this round
+        rows = torch.arange(B, device=self.tokens.device)
+        self._write_slot(C, self.tokens[rows, self.next_column - 1], self.next_column - self.padding - 1)
 
-        # 1. The draft proposes k tokens per row (its first forward also replays slots it has not seen).
+        drafts, q, confidences = self._propose(C, k)  # (B, k), (B, k, V)
+        k = drafts.shape[1]  # the threshold schedule may have stopped early
+        scores = self._score(C, drafts)  # (B, k + 1, V) processed
+        usable = [min(k, budget[b] - 1) for b in range(B)]  # drafts row b could emit at all
+        accepted = self._accept(drafts, q, scores, live, usable)  # (B,) per row, 0 for finished rows
+        self._roll_back(C, k, accepted, live)
+
+        # The schedule hears about the row that accepted the fewest drafts. A row that kept every draft it could use
+        # counts as fully accepted (k): that is the `heuristic` schedule's signal to grow.
+        fewest = min(accepted[b] if accepted[b] < usable[b] else k for b in range(B) if live[b])
+        s = self.stats
+        s.rounds += 1
+        s.lookaheads.append(k)
+        s.accepted_per_round.append(fewest)
+        c = s.cost_ratio
+        self.schedule.update(k, fewest, confidences, c if math.isfinite(c) else None)
+        self.done = bool(self.finished.all())
+
+    def _propose(self, C: int, k: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """The draft writes up to k tokens per row after each row's last token (slot C); return them (B, k), the
+        distributions they were sampled from (B, k, V; (B, 0, V) at temperature 0) and the draft's confidences."""
+        B, device = self.tokens.shape[0], self.tokens.device
+        rows = torch.arange(B, device=device)
+        live = ~self.finished
         self.schedule.start_round()
-        drafts, qs, confidences = [], [], []
+        drafts: list[torch.Tensor] = []
+        qs: list[torch.Tensor] = []
+        confidences: list[float] = []
         for i in range(1, k + 1):
+            # The draft's first forward also replays the slots it has not seen (a row's last draft of the previous
+            # round, when that row accepted them all). Draft i follows column next_column + i - 2.
             logits = self._timed_draft(self.draft_cache.length, C + i)  # (B, V)
-            processed = self._process(logits, self.end + i - 1)
+            processed = self._process(logits, self.next_column + i - 1)
+            # The batch keeps drafting while any live row's draft is confident.
             confidence = (
                 float(torch.softmax(processed, dim=-1).max(dim=-1).values[live].max())
                 if self.schedule.uses_confidence
                 else math.nan
             )
-            if i > 1 and not self.schedule.keep_drafting(i, confidence):
+            if not self.schedule.keep_drafting(i, confidence) and i > 1:
                 break
             if self.greedy:
                 token = greedy(processed)
             else:
                 token, q_row = self._draft_tokens(logits, processed)
                 qs.append(q_row)
-            self.tokens[rows[live], (self.end + i - 1)[live]] = token[live]  # tentatively, after each live row
-            self._write_slot(C + i, token, self.length - 1 + i)
+            self.tokens[rows[live], (self.next_column + i - 1)[live]] = token[live]  # tentatively, after each row
+            self._write_slot(C + i, token, self.next_column - self.padding - 1 + i)
             drafts.append(token)
             confidences.append(confidence)
-        k = len(drafts)
-        drafted = torch.stack(drafts, dim=1) if drafts else last.new_zeros(B, 0)  # (B, k)
+        V = self.target.config.vocab_size
+        stacked = torch.stack(drafts, dim=1) if drafts else rows.new_zeros(B, 0)
+        q = torch.stack(qs, dim=1) if qs else torch.zeros(B, 0, V, device=device)
+        return stacked, q, confidences
 
-        # 2. The target scores [last, d_1 .. d_k] for every row in one forward.
+    def _score(self, C: int, drafts: torch.Tensor) -> torch.Tensor:
+        """The target's ONE forward over [last, d_1 .. d_k] for every row; its logits processed position by position."""
+        B, k = drafts.shape
         t0 = time.perf_counter()
         logits = self._forward(self.target, self.target_cache, C, C + k + 1, k + 1)  # (B, k + 1, V)
         _sync(logits.device)
         elapsed = time.perf_counter() - t0
+        s = self.stats
         s.target_forwards += 1
         s.target_seconds += elapsed
         s.verify_seconds += elapsed
-        upto = (self.end[:, None] + torch.arange(k + 1, device=live.device)[None]).flatten()  # (B * (k + 1),)
-        scores = self._process(logits.flatten(0, 1), upto).view(B, k + 1, -1)
+        # Position j of row b comes after the row's tokens up to its last one and drafts d_1 .. d_j.
+        upto = (self.next_column[:, None] + torch.arange(k + 1, device=drafts.device)[None]).flatten()  # (B*(k+1),)
+        return self._process(logits.flatten(0, 1), upto).view(B, k + 1, -1)
 
-        # 3. Every live row runs the acceptance rule on its own.
-        q = torch.stack(qs, dim=1) if qs else scores.new_zeros(B, 0, scores.shape[-1])  # (B, k, V)
-        p = None if self.greedy else logits_to_probs(scores, cfg.temperature)
+    def _accept(
+        self, drafts: torch.Tensor, q: torch.Tensor, scores: torch.Tensor, live: list[bool], usable: list[int]
+    ) -> list[int]:
+        """Every live row runs the acceptance rule on its own drafts and emits what it keeps plus one token."""
+        s = self.stats
+        p = None if self.greedy else logits_to_probs(scores, self.config.temperature)  # (B, k + 1, V)
         target_tokens = greedy(scores) if self.greedy else None  # (B, k + 1)
-        kept = [0] * B
-        for b in range(B):
-            if not live[b]:
+        accepted = [0] * len(live)
+        for b, is_live in enumerate(live):
+            if not is_live:
                 continue
-            if self.greedy:
-                assert target_tokens is not None
-                n, nxt = verify_greedy(drafted[b], target_tokens[b])
+            if target_tokens is not None:
+                n, nxt = verify_greedy(drafts[b], target_tokens[b])
             else:
                 assert p is not None
-                n, nxt = self._verify(drafted[b], q[b], p[b], self.generator)
-            kept[b] = n
-            self.tokens[b, self.end[b] + n] = nxt
-            s.proposed += k
-            s.accepted += n
-            s.rejected += int(n < k)
-            s.accepted_per_round.append(n)
-            self._emit(b, min(n + 1, int(remaining[b])))
-        s.rounds += 1
-        s.lookaheads.append(k)
+                n, nxt = self._verify(drafts[b], q[b], p[b], self.generator)
+            accepted[b] = n
+            self.tokens[b, int(self.next_column[b]) + n] = nxt  # the residual or bonus token after the kept drafts
+            # Counted as the one-prompt decoder counts: only the drafts this row could have emitted.
+            s.proposed += usable[b]
+            s.accepted += min(n, usable[b])
+            s.rejected += int(n < usable[b])
+            self._emit(b, n + 1)
+        return accepted
 
-        # 4. Roll back: row b keeps slots C .. C + n_b; the caches keep what the furthest row needs.
-        keep = torch.tensor(kept, device=live.device)
-        self.slot_ok[:, C : C + k + 1] &= torch.arange(k + 1, device=live.device)[None] <= keep[:, None]
-        self.slot_ok[~live, C:] = False
-        new_length = C + 1 + max(kept[b] for b in range(B) if live[b])
+    def _roll_back(self, C: int, k: int, accepted: list[int], live: list[bool]) -> None:
+        """Row b keeps slots C .. C + n_b (its last token and accepted drafts); the caches keep the furthest row's."""
+        device = self.slot_ok.device
+        n = torch.tensor(accepted, device=device)
+        self.slot_ok[:, C : C + k + 1] &= torch.arange(k + 1, device=device)[None] <= n[:, None]
+        dead = ~torch.tensor(live, device=device)
+        self.slot_ok[dead, C:] = False  # rows finished before this round
+        new_length = C + 1 + max(accepted[b] for b in range(len(live)) if live[b])
         self.slot_ok[:, new_length:] = False
         self.target_cache.truncate(new_length)
         self.draft_cache.truncate(min(self.draft_cache.length, new_length))
-        self.done = bool(self.finished.all())
-        slowest = min(range(B), key=lambda b: kept[b] if live[b] else k + 1)
-        c = s.cost_ratio
-        self.schedule.update(k, kept[slowest], confidences, c if math.isfinite(c) else None)
-
-    def _write_slot(self, slot: int, token: torch.Tensor, position: torch.Tensor) -> None:
-        self.slot_tok[:, slot] = token
-        self.slot_pos[:, slot] = position.clamp(max=self.window - 1)  # a finished row may run past its window
-        self.slot_ok[:, slot] = True
 
     def _emit(self, b: int, n: int) -> None:
         """Advance row b over its next n tokens, one at a time, stopping after EOS, a stop string or max_new_tokens."""
+        column = int(self.next_column[b])
         for _ in range(n):
-            self.end[b] += 1
-            self.length[b] += 1
-            e = int(self.end[b])
-            self.token_ok[b, e - 1] = True
+            column += 1
             self.stats.new_tokens += 1
-            self.stopper.update_row(b, self.tokens[b, self.prompt_columns : e])
-            if bool(self.stopper.finished[b]) or e - self.prompt_columns >= self.config.max_new_tokens:
+            self.stopper.update_row(b, self.tokens[b, self.prompt_columns : column])
+            if bool(self.stopper.finished[b]) or column - self.prompt_columns >= self.config.max_new_tokens:
                 self.finished[b] = True
-                self.tokens[b, e:] = self.pad
-                return
+                self.tokens[b, column:] = self.pad  # a finished row shows padding, as in plain batched decoding
+                break
+        self.token_ok[b, int(self.next_column[b]) : column] = True
+        self.next_column[b] = column
 
     _verify = staticmethod(verify_drafts)  # a class attribute, so that a test can swap in a broken rule
 
@@ -376,7 +413,8 @@ def batch_speculative_stream(
             if first:
                 stats.prefill_seconds, start, first = now - start, now, False
             unfinished = ~dec.finished
-            ready = int(dec.end[unfinished].min()) if bool(unfinished.any()) else int(dec.end.max())
+            ends = dec.next_column
+            ready = int(ends[unfinished].min()) if bool(unfinished.any()) else int(ends.max())
             stats.new_tokens = ready - dec.prompt_columns
             stats.target_forwards = spec.target_forwards
             stats.decode_seconds = now - start

@@ -33,7 +33,9 @@ class SpeculativeStats:
     prompt_forwards: int = 0
     prompt_seconds: float = 0.0
     total_seconds: float = 0.0  # wall time of the whole generation
+    compactions: int = 0  # batches only: times the holes in the caches were closed (toyllm/speculative/batch.py)
     lookaheads: list[int] = field(default_factory=list)  # drafts proposed, per round
+    # Drafts accepted, per round. In a batch: the fewest any row accepted (k where every row kept all it could use).
     accepted_per_round: list[int] = field(default_factory=list)
 
     @classmethod
