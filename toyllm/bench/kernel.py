@@ -6,7 +6,7 @@ larger than the CPU's caches):
 
 * `formats`: GB/s of weights read with one activation row, for torch's `F.linear` on float32 weights and for
   toyllm's kernel on float32, bfloat16 and int8 weights, next to the read bandwidth measured in the same run.
-* `rows`: the time of M rows (M = 1..16) relative to one row, for both. A memory-bound product should cost about
+* `rows`: the time of M rows (M = 1..64) relative to one row, for both. A memory-bound product should cost about
   the same for a few rows as for one: that is what makes speculative verification of K + 1 tokens cheap.
 
 With a baseline (another version of gemv.cpp, `compare_kernels`), the current and baseline kernels are timed

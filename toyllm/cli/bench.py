@@ -358,7 +358,7 @@ def accuracy(
     from toyllm.errors import InvalidArgumentError
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    # The gemv variants are left out: they compute the same products as bf16 and int8, and only for up to 16 rows,
+    # The gemv variants are left out: they compute the same products as bf16 and int8, and only for up to 64 rows,
     # so over these windows they would measure torch's path under another name.
     allowed = [v for v in VARIANTS if not v.startswith("gemv")]
     if not names or any(v not in allowed for v in names):
@@ -424,8 +424,10 @@ def kernel(
         counts = sorted({int(r) for r in rows.split(",") if r.strip()} | {1})
     except ValueError:
         raise InvalidArgumentError(f"--rows must be comma-separated integers, got '{rows}'") from None
-    if counts[0] < 1 or counts[-1] > 16:
-        raise InvalidArgumentError(f"--rows must be between 1 and 16 (the kernel's range), got '{rows}'")
+    if counts[0] < 1 or counts[-1] > kernels.MAX_ROWS:
+        raise InvalidArgumentError(
+            f"--rows must be between 1 and {kernels.MAX_ROWS} (the kernel's range), got '{rows}'"
+        )
     baseline_op = kernels.load_baseline(baseline) if baseline is not None else None  # its errors before any work
     if huge_pages and not hugepages.available():  # also checked by compare_huge_pages; here, before any work
         raise InvalidArgumentError(hugepages.UNAVAILABLE.format(what="--huge-pages"))
