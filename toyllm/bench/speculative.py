@@ -367,7 +367,9 @@ def plot_speedup(results: dict[str, Any], path: str | Path) -> None:
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("lookahead K")
     ax.set_ylabel("speedup over plain KV decoding")
-    ax.set_title(f"{results['settings']['target']}: speculative decoding")
+    batch = results["settings"].get("batch", 1)
+    batches = f", batches of {batch}" if batch > 1 else ""
+    ax.set_title(f"{results['settings']['target']}: speculative decoding{batches}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside, clear of the lines
     fig.tight_layout()
     fig.savefig(path, dpi=120)
