@@ -7,6 +7,7 @@ with deliberately broken variants that must fail), and a fresh one-row prefill o
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 
@@ -19,6 +20,7 @@ from test_speculative import (
     N_SAMPLES,
     PLAIN,
     LetterTokenizer,
+    NoResidualDecoder,
     V,
     chi_square_p_value,
     dist_config,
@@ -27,6 +29,7 @@ from test_speculative import (
     tiny,
 )
 
+from toyllm import kernels
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate, generate_text
 from toyllm.gpt2 import GPT2LMHeadModel
@@ -245,6 +248,21 @@ def test_batch_counts_only_the_drafts_a_row_could_use(target, drafts) -> None:
     assert len(dec.stats.accepted_per_round) == len(dec.stats.lookaheads) == dec.stats.rounds
 
 
+def test_batch_through_the_cpu_kernel_past_16_rows() -> None:
+    """With toyllm's CPU kernel, a batch of 4 verifies 4 x (K + 1) = 20 and 36 rows in one product (the kernel takes
+    up to 64): still plain batched greedy decoding's output, which runs 4 rows through the kernel."""
+    if kernels.load() is None:
+        pytest.skip(f"no CPU kernel here: {kernels.unavailable_reason()}")
+    target = kernels.use_cpu_kernels(copy.deepcopy(tiny(0)))
+    ids, mask = left_padded((3, 9, 5, 12))
+    for K in (4, 8):
+        config = GenerationConfig(max_new_tokens=24, temperature=0.0, eos_token_id=None, lookahead=K, max_lookahead=8)
+        expected = generate(target, ids, config, attention_mask=mask)
+        out, spec = spec_run(target, target.first_layers(2), ids, mask, config)
+        assert torch.equal(out, expected)
+        assert max(spec.lookaheads) == K
+
+
 # -- the output distribution of every row is the target's ---------------------------------------------------------
 
 PROMPTS = (torch.tensor([[3]]), torch.tensor([[5, 1]]))
@@ -359,12 +377,11 @@ def exact_continuations(model: GPT2LMHeadModel, prompt: torch.Tensor, n: int, co
 V_SMALL = 4
 
 
-@pytest.mark.slow
-def test_batch_distribution_is_exact_through_compactions() -> None:
-    """Where the test above does not reach: an 8-slot window and 4 new tokens, so every run compacts its caches while
-    rows are still live, drafts are replayed, and rows end at different rounds. 20,000 samples of the 4-token
-    continuation (256 outcomes) per prompt, the same chi-square test, with a repetition penalty."""
-    kw = dict(vocab=V_SMALL, n_layer=1, n_positions=8, std=0.7)
+def compaction_case(decoder_cls, samples: int) -> list[float]:
+    """A 7-slot window and 4 new tokens, so nearly every run compacts its caches while rows are still live, drafts
+    are replayed, and rows end at different rounds. Chi-square p-values of each prompt's 4-token continuation (256
+    outcomes), `samples` per prompt, with a repetition penalty."""
+    kw = dict(vocab=V_SMALL, n_layer=1, n_positions=7, std=0.7)
     target, draft = tiny(0, **kw), tiny(1, **kw)
     ids = torch.tensor([[0, 0, 2], [1, 3, 2]] * (ROWS // 2))
     mask = torch.tensor([[0, 0, 1], [1, 1, 1]] * (ROWS // 2))
@@ -373,19 +390,38 @@ def test_batch_distribution_is_exact_through_compactions() -> None:
     )
     counts = [torch.zeros(V_SMALL**4, dtype=torch.float64) for _ in range(2)]
     weights = V_SMALL ** torch.arange(3, -1, -1)  # a continuation's index in exact_continuations' order
-    compactions = 0
+    runs = samples * 2 // ROWS
+    compacted = 0
     with torch.inference_mode():
-        for run in range(N_SAMPLES * 2 // ROWS):
+        for run in range(runs):
             config.seed = run
-            dec = run_to_end(BatchSpeculativeDecoder(target, draft, ids, config, attention_mask=mask))
-            compactions += dec.stats.compactions
+            dec = run_to_end(decoder_cls(target, draft, ids, config, attention_mask=mask))
+            compacted += dec.stats.compactions > 0
             for row, code in enumerate((dec.tokens[:, 3:7] * weights).sum(dim=1).tolist()):
                 counts[row % 2][code] += 1
-    assert compactions >= N_SAMPLES * 2 // ROWS  # at least one per run
+    assert compacted > 0.9 * runs  # (a run where every row rejects every draft leaves no holes)
+    p_values = []
     for prompt, c in zip((torch.tensor([[2]]), torch.tensor([[1, 3, 2]])), counts, strict=True):
-        p_value = chi_square_p_value(c, exact_continuations(target, prompt, 4, config))
-        print(f"prompt {prompt.tolist()}: chi-square p-value {p_value:.3g}")
-        assert c.sum() == N_SAMPLES and p_value > ALPHA
+        assert c.sum() == samples
+        p_values.append(chi_square_p_value(c, exact_continuations(target, prompt, 4, config)))
+    print(f"chi-square p-values {p_values}")
+    return p_values
+
+
+class NoResidualBatchDecoder(BatchSpeculativeDecoder):
+    """BROKEN on purpose: after a rejection it samples from p instead of normalize(max(0, p - q))."""
+
+    _verify = staticmethod(NoResidualDecoder._verify)
+
+
+@pytest.mark.slow
+def test_batch_distribution_is_exact_through_compactions() -> None:
+    assert min(compaction_case(BatchSpeculativeDecoder, N_SAMPLES)) > ALPHA
+
+
+@pytest.mark.slow
+def test_the_compaction_test_catches_a_broken_variant() -> None:
+    assert min(compaction_case(NoResidualBatchDecoder, N_BROKEN)) < ALPHA
 
 
 # -- caches: each row's visible slots are a fresh prefill of its accepted tokens -----------------------------------

@@ -7,7 +7,9 @@ larger than the CPU's caches):
 * `formats`: GB/s of weights read with one activation row, for torch's `F.linear` on float32 weights and for
   toyllm's kernel on float32, bfloat16 and int8 weights, next to the read bandwidth measured in the same run.
 * `rows`: the time of M rows (M = 1..64) relative to one row, for both. A memory-bound product should cost about
-  the same for a few rows as for one: that is what makes speculative verification of K + 1 tokens cheap.
+  the same for a few rows as for one: that is what makes speculative verification of K + 1 tokens cheap. Also the
+  kernel against torch on the transformer layers alone (`toyllm_vs_torch_layers`): a prefill of M tokens sends M
+  rows through the layers but only the last through the output head, which dominates a small model's bytes.
 
 With a baseline (another version of gemv.cpp, `compare_kernels`), the current and baseline kernels are timed
 interleaved, pass by pass, on float32 weights for each row count, and each keeps its fastest pass: the A/B by which
@@ -69,12 +71,19 @@ def kernel_bench(
     }
     inputs = _activations(f32, rows)
 
-    def torch_pass(m: int) -> Callable[[], object]:
-        return lambda: [torch.nn.functional.linear(inputs[m][w.shape[1]], w) for w in f32]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # the order of f32
+    head = model.lm_head.weight.data_ptr()
+    layers = [i for i, linear in enumerate(linears) if linear.weight.data_ptr() != head]  # all but the output head
 
-    def kernel_pass(name: str, m: int) -> Callable[[], object]:
+    def torch_pass(m: int, only: list[int] | None = None) -> Callable[[], object]:
+        chosen = f32 if only is None else [f32[i] for i in only]
+        return lambda: [torch.nn.functional.linear(inputs[m][w.shape[1]], w) for w in chosen]
+
+    def kernel_pass(name: str, m: int, only: list[int] | None = None) -> Callable[[], object]:
         weights, scales = formats[name]
-        return lambda: [kernels.gemv(inputs[m][w.shape[1]], w, None, s) for w, s in zip(weights, scales, strict=True)]
+        pairs = list(zip(weights, scales, strict=True))
+        chosen = pairs if only is None else [pairs[i] for i in only]
+        return lambda: [kernels.gemv(inputs[m][w.shape[1]], w, None, s) for w, s in chosen]
 
     bandwidth = measure_read_bandwidth("cpu")  # before the passes, with the same threads
     with torch.inference_mode():
@@ -91,12 +100,15 @@ def kernel_bench(
                 continue
             torch_s = _median_seconds(torch_pass(m), repeats)
             ours_s = _median_seconds(kernel_pass("float32", m), repeats)
+            torch_layers = _median_seconds(torch_pass(m, layers), repeats)
+            ours_layers = _median_seconds(kernel_pass("float32", m, layers), repeats)
             by_rows.append(
                 {
                     "rows": m,
                     "torch_float32_vs_1_row": torch_s / one_row["torch float32"],
                     "toyllm_float32_vs_1_row": ours_s / one_row["toyllm float32"],
                     "toyllm_vs_torch": ours_s / torch_s,
+                    "toyllm_vs_torch_layers": ours_layers / torch_layers,
                 }
             )
     return {

@@ -172,8 +172,8 @@ def gemv(
 class GemvLinear(nn.Linear):
     """An `nn.Linear` (same parameters, same state dict) that decodes through the kernel when it applies.
 
-    Training, prefill and non-CPU devices go through `F.linear` as before; the two paths agree to float32 rounding
-    (a different summation order).
+    Training, products of more than MAX_ROWS rows (long prefills) and non-CPU devices go through `F.linear` as
+    before; the two paths agree to float32 rounding (a different summation order).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -238,7 +238,7 @@ class BatchSpeculativeDecoder:
     def _round(self) -> None:
         cfg = self.config
         B = self.tokens.shape[0]
-        live = [not f for f in self.finished.tolist()]
+        live = [not f for f in self.finished.tolist()]  # rows still generating at the start of this round
         generated = (self.next_column - self.prompt_columns).tolist()
         budget = [cfg.max_new_tokens - g for g in generated]  # tokens each row may still emit
         # One k for the batch: the schedule's, but no more than the row with the most room left can use.
@@ -246,20 +246,19 @@ class BatchSpeculativeDecoder:
         if self.target_cache.length + k + 1 > self.window:  # holes used up the slots: close them
             self._compact()
             k = min(k, self.window - self.target_cache.length - 1)
-        C = self.target_cache.length  # the slot of every row's last token this round
+        last_slot = self.target_cache.length  # where every row's last token goes this round
         rows = torch.arange(B, device=self.tokens.device)
-        self._write_slot(C, self.tokens[rows, self.next_column - 1], self.next_column - self.padding - 1)
+        self._write_slot(last_slot, self.tokens[rows, self.next_column - 1], self.next_column - self.padding - 1)
 
-        drafts, q, confidences = self._propose(C, k)  # (B, k), (B, k, V)
+        drafts, q, confidences = self._propose(last_slot, k)  # (B, k), (B, k, V)
         k = drafts.shape[1]  # the threshold schedule may have stopped early
-        scores = self._score(C, drafts)  # (B, k + 1, V) processed
-        usable = [min(k, budget[b] - 1) for b in range(B)]  # drafts row b could emit at all
-        accepted = self._accept(drafts, q, scores, live, usable)  # (B,) per row, 0 for finished rows
-        self._roll_back(C, k, accepted, live)
+        scores = self._score(last_slot, drafts)  # (B, k + 1, V) processed
+        # Drafts row b could emit at all (k follows the row with the most room; finished rows are skipped anyway).
+        usable = [min(k, budget[b] - 1) for b in range(B)]
+        kept = self._accept(drafts, q, scores, live, usable)  # per row: drafts the acceptance rule kept
+        self._roll_back(last_slot, k, kept)
 
-        # The schedule hears about the row that accepted the fewest drafts. A row that kept every draft it could use
-        # counts as fully accepted (k): that is the `heuristic` schedule's signal to grow.
-        fewest = min(accepted[b] if accepted[b] < usable[b] else k for b in range(B) if live[b])
+        fewest = self._fewest_accepted(k, kept, usable, live)
         s = self.stats
         s.rounds += 1
         s.lookaheads.append(k)
@@ -268,12 +267,26 @@ class BatchSpeculativeDecoder:
         self.schedule.update(k, fewest, confidences, c if math.isfinite(c) else None)
         self.done = bool(self.finished.all())
 
-    def _propose(self, C: int, k: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-        """The draft writes up to k tokens per row after each row's last token (slot C); return them (B, k), the
-        distributions they were sampled from (B, k, V; (B, 0, V) at temperature 0) and the draft's confidences."""
+    @staticmethod
+    def _fewest_accepted(k: int, kept: list[int], usable: list[int], live: list[bool]) -> int:
+        """What the schedule hears: the fewest drafts any row accepted this round.
+
+        A row that kept every draft it could use (a row near its end has fewer than k) counts as k, fully accepted:
+        that is the `heuristic` schedule's signal to grow, and a batch of one then reports exactly what the
+        one-prompt decoder reports.
+        """
+        fewest = k
+        for b, is_live in enumerate(live):
+            if is_live and kept[b] < usable[b]:
+                fewest = min(fewest, kept[b])
+        return fewest
+
+    def _propose(self, last_slot: int, k: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """The draft writes up to k tokens per row after each row's last token; return them (B, k), the distributions
+        they were sampled from (B, k, V; (B, 0, V) at temperature 0) and the draft's confidences."""
         B, device = self.tokens.shape[0], self.tokens.device
         rows = torch.arange(B, device=device)
-        live = ~self.finished
+        live = ~self.finished  # (B,) bool
         self.schedule.start_round()
         drafts: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
@@ -281,9 +294,11 @@ class BatchSpeculativeDecoder:
         for i in range(1, k + 1):
             # The draft's first forward also replays the slots it has not seen (a row's last draft of the previous
             # round, when that row accepted them all). Draft i follows column next_column + i - 2.
-            logits = self._timed_draft(self.draft_cache.length, C + i)  # (B, V)
+            logits = self._timed_draft(self.draft_cache.length, last_slot + i)  # (B, V)
             processed = self._process(logits, self.next_column + i - 1)
-            # The batch keeps drafting while any live row's draft is confident.
+            # The batch keeps drafting while any live row's draft is confident. (The `threshold` schedule then learns
+            # from this batch maximum paired with the fewest acceptances, a pessimistic pairing: in a batch its
+            # threshold errs on the high side, which costs speed, never exactness.)
             confidence = (
                 float(torch.softmax(processed, dim=-1).max(dim=-1).values[live].max())
                 if self.schedule.uses_confidence
@@ -297,7 +312,7 @@ class BatchSpeculativeDecoder:
                 token, q_row = self._draft_tokens(logits, processed)
                 qs.append(q_row)
             self.tokens[rows[live], (self.next_column + i - 1)[live]] = token[live]  # tentatively, after each row
-            self._write_slot(C + i, token, self.next_column - self.padding - 1 + i)
+            self._write_slot(last_slot + i, token, self.next_column - self.padding - 1 + i)
             drafts.append(token)
             confidences.append(confidence)
         V = self.target.config.vocab_size
@@ -305,11 +320,11 @@ class BatchSpeculativeDecoder:
         q = torch.stack(qs, dim=1) if qs else torch.zeros(B, 0, V, device=device)
         return stacked, q, confidences
 
-    def _score(self, C: int, drafts: torch.Tensor) -> torch.Tensor:
+    def _score(self, last_slot: int, drafts: torch.Tensor) -> torch.Tensor:
         """The target's ONE forward over [last, d_1 .. d_k] for every row; its logits processed position by position."""
         B, k = drafts.shape
         t0 = time.perf_counter()
-        logits = self._forward(self.target, self.target_cache, C, C + k + 1, k + 1)  # (B, k + 1, V)
+        logits = self._forward(self.target, self.target_cache, last_slot, last_slot + k + 1, k + 1)  # (B, k + 1, V)
         _sync(logits.device)
         elapsed = time.perf_counter() - t0
         s = self.stats
@@ -327,7 +342,7 @@ class BatchSpeculativeDecoder:
         s = self.stats
         p = None if self.greedy else logits_to_probs(scores, self.config.temperature)  # (B, k + 1, V)
         target_tokens = greedy(scores) if self.greedy else None  # (B, k + 1)
-        accepted = [0] * len(live)
+        kept = [0] * len(live)
         for b, is_live in enumerate(live):
             if not is_live:
                 continue
@@ -336,31 +351,33 @@ class BatchSpeculativeDecoder:
             else:
                 assert p is not None
                 n, nxt = self._verify(drafts[b], q[b], p[b], self.generator)
-            accepted[b] = n
+            kept[b] = n
             self.tokens[b, int(self.next_column[b]) + n] = nxt  # the residual or bonus token after the kept drafts
             # Counted as the one-prompt decoder counts: only the drafts this row could have emitted.
             s.proposed += usable[b]
             s.accepted += min(n, usable[b])
             s.rejected += int(n < usable[b])
             self._emit(b, n + 1)
-        return accepted
+        return kept
 
-    def _roll_back(self, C: int, k: int, accepted: list[int], live: list[bool]) -> None:
-        """Row b keeps slots C .. C + n_b (its last token and accepted drafts); the caches keep the furthest row's."""
+    def _roll_back(self, last_slot: int, k: int, kept: list[int]) -> None:
+        """Row b keeps its last token and kept drafts (slots last_slot .. last_slot + n_b); the caches keep what the
+        furthest unfinished row needs. Finished rows (before or during this round) keep nothing."""
         device = self.slot_ok.device
-        n = torch.tensor(accepted, device=device)
-        self.slot_ok[:, C : C + k + 1] &= torch.arange(k + 1, device=device)[None] <= n[:, None]
-        dead = ~torch.tensor(live, device=device)
-        self.slot_ok[dead, C:] = False  # rows finished before this round
-        new_length = C + 1 + max(accepted[b] for b in range(len(live)) if live[b])
+        n = torch.tensor(kept, device=device)
+        self.slot_ok[:, last_slot : last_slot + k + 1] &= torch.arange(k + 1, device=device)[None] <= n[:, None]
+        self.slot_ok[self.finished, last_slot:] = False
+        going_on = [kept[b] for b in range(len(kept)) if not self.finished[b]]
+        new_length = last_slot + 1 + max(going_on) if going_on else last_slot
         self.slot_ok[:, new_length:] = False
         self.target_cache.truncate(new_length)
         self.draft_cache.truncate(min(self.draft_cache.length, new_length))
 
-    def _emit(self, b: int, n: int) -> None:
-        """Advance row b over its next n tokens, one at a time, stopping after EOS, a stop string or max_new_tokens."""
+    def _emit(self, b: int, count: int) -> None:
+        """Advance row b over its next `count` tokens, one at a time, stopping after EOS, a stop string or
+        max_new_tokens."""
         column = int(self.next_column[b])
-        for _ in range(n):
+        for _ in range(count):
             column += 1
             self.stats.new_tokens += 1
             self.stopper.update_row(b, self.tokens[b, self.prompt_columns : column])
