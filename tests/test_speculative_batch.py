@@ -249,8 +249,9 @@ def test_batch_counts_only_the_drafts_a_row_could_use(target, drafts) -> None:
 
 
 def test_batch_through_the_cpu_kernel_past_16_rows() -> None:
-    """With toyllm's CPU kernel, a batch of 4 verifies 4 x (K + 1) = 20 and 36 rows in one product (the kernel takes
-    up to 64): still plain batched greedy decoding's output, which runs 4 rows through the kernel."""
+    """With toyllm's CPU kernel, a batch of 4 verifies 4 x (K + 1) = 20 rows in one kernel product and 36 rows through
+    torch (the kernel takes up to 32): still plain batched greedy decoding's output, which runs 4 rows through the
+    kernel."""
     if kernels.load() is None:
         pytest.skip(f"no CPU kernel here: {kernels.unavailable_reason()}")
     target = kernels.use_cpu_kernels(copy.deepcopy(tiny(0)))

@@ -6,7 +6,7 @@ larger than the CPU's caches):
 
 * `formats`: GB/s of weights read with one activation row, for torch's `F.linear` on float32 weights and for
   toyllm's kernel on float32, bfloat16 and int8 weights, next to the read bandwidth measured in the same run.
-* `rows`: the time of M rows (M = 1..64) relative to one row, for both. A memory-bound product should cost about
+* `rows`: the time of M rows (M = 1..32) relative to one row, for both. A memory-bound product should cost about
   the same for a few rows as for one: that is what makes speculative verification of K + 1 tokens cheap. Also the
   kernel against torch on the transformer layers alone (`toyllm_vs_torch_layers`): a prefill of M tokens sends M
   rows through the layers but only the last through the output head, which dominates a small model's bytes.

@@ -358,7 +358,7 @@ def accuracy(
     from toyllm.errors import InvalidArgumentError
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    # The gemv variants are left out: they compute the same products as bf16 and int8, and only for up to 64 rows,
+    # The gemv variants are left out: they compute the same products as bf16 and int8, and only for up to 32 rows,
     # so over these windows they would measure torch's path under another name.
     allowed = [v for v in VARIANTS if not v.startswith("gemv")]
     if not names or any(v not in allowed for v in names):

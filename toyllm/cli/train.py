@@ -261,7 +261,7 @@ def distill(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     cpu_kernel: Annotated[
-        bool, typer.Option("--cpu-kernel", help="Generate through toyllm's AVX2 kernel (batches up to 64).")
+        bool, typer.Option("--cpu-kernel", help="Generate through toyllm's AVX2 kernel (batches up to 32).")
     ] = False,
 ) -> None:
     from rich.progress import Progress

@@ -4,7 +4,7 @@ Why a hand-written kernel: a decode step is one matrix-vector product per weight
 weights stream from memory. On AVX2 CPUs torch's 1-row product (MKL) uses one core and about half the machine's
 read bandwidth, its bfloat16 path has no native arithmetic to use, and its int8-weight kernel is scalar code. gemv.cpp
 spreads the rows over every thread, widens bfloat16 or int8 weights to float32 in registers, and reads each weight
-once for up to 64 activation rows (speculative verification scores K+1 rows per sequence). docs/decoding_performance.md
+once for up to 32 activation rows (speculative verification scores K+1 rows per sequence). docs/decoding_performance.md
 has the measurements.
 
 The kernel is built with torch's C++ extension tooling the first time it is asked for (about a minute with two cores;
@@ -29,7 +29,7 @@ from torch import nn
 
 # Rows of x up to which the kernel beats torch's GEMM here: decode (1 row per sequence), speculative verification
 # (K+1 rows, B x (K+1) for a batch), small batches and short prefills. Longer prefills go to MKL/oneDNN.
-MAX_ROWS = 64
+MAX_ROWS = 32
 
 _SOURCE = Path(__file__).with_name("gemv.cpp")
 _state: dict[str, Any] = {}

@@ -6,14 +6,14 @@
 // core and reads about 10 GB/s, half of what the two cores can read together. This kernel does three things:
 //
 //   1. splits the output rows across all of torch's threads (at::parallel_for), so every core streams weights;
-//   2. reads each weight from memory once for up to 64 rows of x (speculative verification and small batches
+//   2. reads each weight from memory once for up to 32 rows of x (speculative verification and small batches
 //      multiply K+1, B or B x (K+1) rows; MKL's small-M path costs about one full pass per row here), two output rows per
 //      pass with a software prefetch, so that 5 rows cost little more than 1 (the extra rows are arithmetic on
 //      weights already in registers);
 //   3. reads weights stored as float32, bfloat16 or int8 and widens them to float32 in registers, so compact
 //      weights really mean fewer bytes read. Accumulation is float32 in every case.
 //
-// W is (N, K) row-major like nn.Linear's weight; x is (M, K) float32 with M <= 64; y is (M, N) float32.
+// W is (N, K) row-major like nn.Linear's weight; x is (M, K) float32 with M <= 32; y is (M, N) float32.
 // int8 weights carry one float32 scale per output row: W[n, k] ~ q[n, k] * scale[n] (toyllm/quantize.py).
 
 #include <torch/extension.h>
@@ -25,9 +25,10 @@
 namespace {
 
 // The most rows of x one call takes (toyllm/kernels/__init__.py MAX_ROWS): verification's K+1, small batches, and a
-// batch's B x (K+1) rows. Up to 64 rows the kernel beat torch's GEMM on every matrix of the reference models
-// (docs/cpu_kernel.md); the two weight rows of a pass stay in L1 while every group of x rows goes past them.
-constexpr int64_t kMaxRows = 64;
+// batch's B x (K+1) rows. Up to 32 rows the kernel beat torch's GEMM on both reference models, on the whole model
+// and on the transformer layers alone (docs/cpu_kernel.md); the two weight rows of a pass stay in L1 while every
+// group of x rows goes past them. Beyond that, torch's cache blocking starts to win on small matrices.
+constexpr int64_t kMaxRows = 32;
 
 // Widen 8 consecutive weights to 8 float32 lanes.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -203,7 +204,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, t
     TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "gemv: shapes (M, K) and (N, K)");
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "gemv: x must be contiguous float32");
     TORCH_CHECK(weight.is_contiguous(), "gemv: weight must be contiguous");
-    TORCH_CHECK(x.size(0) <= kMaxRows, "gemv: at most 64 rows of x");
+    TORCH_CHECK(x.size(0) <= kMaxRows, "gemv: at most 32 rows of x");
     const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
     const float* sp = nullptr;
     const float* bp = nullptr;
