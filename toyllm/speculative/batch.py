@@ -14,8 +14,9 @@ per-slot tables describe the layout, shared by both models:
 
 A row's positions count only its own tokens, so holes take no position: the model sees exactly the sequence that
 plain decoding would give it. Rejected slots beyond the longest row's accepted ones are cut off (`truncate`); the
-rest are masked. The cache length grows by max_b(n_b + 1) per round, so holes use up slots; when the next round would
-not fit, `_compact` moves every row's visible slots to the front of both caches (a gather, no model forward).
+rest are masked. The cache length grows by max_b(n_b + 1) over unfinished rows per round, so holes use up slots; when
+the next round would not fit, `_compact` moves every row's visible slots to the front of both caches (a gather, no
+model forward). Finished rows give up their slots.
 
 The draft replays the slots it has not seen from the tables: after a round where some row accepted all k drafts, that
 row's last draft sits in a slot only the target filled, and the draft's first forward of the next round feeds it
@@ -23,7 +24,7 @@ row's last draft sits in a slot only the target filled, and the draft's first fo
 
 Scope: every row must fit in the context window (prompt + max_new_tokens); one prompt at a time slides the window.
 The schedules choose one k for the whole batch: the draft keeps going while any row is confident, and the schedule
-learns from the row that accepted fewest (the one that sets how far the batch advances).
+learns from the row that accepted fewest (one that kept every draft it could use counts as fully accepted).
 """
 
 from __future__ import annotations
