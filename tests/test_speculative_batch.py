@@ -26,6 +26,7 @@ from test_speculative import (
     dist_config,
     exact_next3,
     fixed_threshold,
+    fresh_cache,
     tiny,
 )
 
@@ -434,19 +435,10 @@ def assert_row_cache(cache, slot_ok, length: int, model: GPT2LMHeadModel, row: i
     assert visible.numel() == ids.numel()
     if not ids.numel():
         return
-    ref = tiny_cache(model, ids)
+    ref = fresh_cache(model, ids)
     for layer in range(model.config.n_layer):
         for got, want in ((cache.k[layer], ref.k[layer]), (cache.v[layer], ref.v[layer])):
             torch.testing.assert_close(got[row][:, visible], want[0][:, : ids.numel()], atol=1e-5, rtol=1e-4)
-
-
-def tiny_cache(model: GPT2LMHeadModel, ids: torch.Tensor):
-    from toyllm.kv_cache import KVCache
-
-    cache = KVCache.for_model(model, 1)
-    with torch.no_grad():
-        model(ids[None], cache=cache)
-    return cache
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.0])

@@ -37,11 +37,11 @@ from typing import Any
 import torch
 
 from toyllm.errors import InvalidArgumentError
-from toyllm.generation import GenerationConfig, GenerationStats, _StopChecker, _sync, prefill
+from toyllm.generation import GenerationConfig, GenerationStats, _positions, _StopChecker, _sync, prefill
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
 from toyllm.sampling import greedy, logits_to_probs, process_logits, sample
-from toyllm.speculative.decode import check_draft
+from toyllm.speculative.decode import check_draft, run_rounds
 from toyllm.speculative.schedules import LookaheadSchedule, make_schedule
 from toyllm.speculative.stats import SpeculativeStats
 from toyllm.speculative.verify import verify_drafts, verify_greedy
@@ -110,6 +110,7 @@ class BatchSpeculativeDecoder:
         self.greedy = config.temperature == 0.0
         self.done = False
         self.primed = False
+        self.shown = 0  # new tokens per row already handed out by next_block()
 
     # -- the caches ----------------------------------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class BatchSpeculativeDecoder:
         n = self.prompt_columns - 1
         self.slot_tok[:, :n] = self.tokens[:, :n]
         self.slot_ok[:, :n] = self.token_ok[:, :n]
-        self.slot_pos[:, :n] = (self.token_ok[:, :n].long().cumsum(dim=1) - 1).clamp(min=0)  # padding takes no position
+        self.slot_pos[:, :n] = _positions(self.token_ok[:, :n])  # padding takes no position
         if n == 0:
             return
         s = self.stats
@@ -224,6 +225,25 @@ class BatchSpeculativeDecoder:
         return token, logits_to_probs(processed, self.config.temperature)
 
     # -- one round -----------------------------------------------------------------------------------------------
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt_columns
+
+    @property
+    def new_tokens(self) -> int:
+        """Columns every unfinished row has produced (all of them once every row is finished)."""
+        if bool(self.finished.all()):
+            return int(self.next_column.max()) - self.prompt_columns
+        return int(self.next_column[~self.finished].min()) - self.prompt_columns
+
+    def next_block(self) -> torch.Tensor:
+        """Run a round; return the (B, n) columns it completed: rows run ahead of each other, so a column is shown
+        once every unfinished row has produced it (finished rows show `pad_token_id`)."""
+        shown = self.prompt_columns + self.shown
+        self.step()
+        self.shown = self.new_tokens
+        return self.tokens[:, shown : self.prompt_columns + self.shown].clone()
 
     def step(self) -> None:
         """Run one round (nothing once generation is over)."""
@@ -409,7 +429,7 @@ def batch_speculative_stream(
     Rows run ahead of each other; a column is yielded once every unfinished row has produced it.
     """
     spec = spec_stats if spec_stats is not None else SpeculativeStats()
-    dec = BatchSpeculativeDecoder(
+    decoder = BatchSpeculativeDecoder(
         target,
         draft,
         input_ids,
@@ -419,24 +439,4 @@ def batch_speculative_stream(
         schedule=schedule,
         stats=spec,
     )
-    stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens = input_ids.shape[1]
-    shown = dec.prompt_columns
-    start = time.perf_counter()
-    first = True
-    with torch.inference_mode():
-        while not dec.done:
-            dec.step()
-            now = time.perf_counter()
-            if first:
-                stats.prefill_seconds, start, first = now - start, now, False
-            unfinished = ~dec.finished
-            ends = dec.next_column
-            ready = int(ends[unfinished].min()) if bool(unfinished.any()) else int(ends.max())
-            stats.new_tokens = ready - dec.prompt_columns
-            stats.target_forwards = spec.target_forwards
-            stats.decode_seconds = now - start
-            stats.extra.update(spec.summary())
-            if ready > shown:
-                yield dec.tokens[:, shown:ready].clone()
-                shown = ready
+    return run_rounds(decoder, stats if stats is not None else GenerationStats())

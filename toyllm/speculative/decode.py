@@ -134,6 +134,19 @@ class SpeculativeDecoder:
 
     # -- one round ---------------------------------------------------------------------------------------------
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt_length
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens generated so far."""
+        return self.length - self.prompt_length
+
+    def next_block(self) -> torch.Tensor:
+        """`step()` as a (1, n) block, the shape `run_rounds` yields."""
+        return self.step()[None]
+
     def step(self) -> torch.Tensor:
         """Run one round; return the (n,) tokens it emitted (empty once generation is over)."""
         if self.done:
@@ -322,19 +335,29 @@ def speculative_stream(
     """
     spec = spec_stats if spec_stats is not None else SpeculativeStats()
     decoder = SpeculativeDecoder(target, draft, input_ids, config, tokenizer=tokenizer, schedule=schedule, stats=spec)
-    stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens = decoder.prompt_length
+    return run_rounds(decoder, stats if stats is not None else GenerationStats())
+
+
+def run_rounds(decoder: Any, stats: GenerationStats) -> Iterator[torch.Tensor]:
+    """Drive a speculative decoder (one prompt, or `BatchSpeculativeDecoder`) to the end, yielding its new (B, n)
+    blocks and keeping `stats` filled as plain generation does: the first round's time counts as prefill.
+
+    The decoder gives `done`, `next_block()` (run a round, return the (B, n) tokens it makes visible), `new_tokens`
+    (per row so far), `prompt_tokens` and `stats` (its `SpeculativeStats`).
+    """
+    spec: SpeculativeStats = decoder.stats
+    stats.prompt_tokens = decoder.prompt_tokens
     start = time.perf_counter()
     first = True
     with torch.inference_mode():
         while not decoder.done:
-            new = decoder.step()
+            new = decoder.next_block()
             now = time.perf_counter()
             if first:
                 stats.prefill_seconds, start, first = now - start, now, False
-            stats.new_tokens = spec.new_tokens
+            stats.new_tokens = decoder.new_tokens
             stats.target_forwards = spec.target_forwards
             stats.decode_seconds = now - start
             stats.extra.update(spec.summary())
             if new.numel():
-                yield new[None]
+                yield new
