@@ -196,7 +196,7 @@ def test_bench_speculative_with_a_restricted_draft(capsys, tmp_path) -> None:
             expected = (1 - alpha ** (K + 1)) / ((1 - alpha) * (c * K + 1))
             assert row["theoretical_speedup"] == pytest.approx(expected)
     assert theoretical_speedup(1.0, 4, 0.0) == 5.0 and theoretical_speedup(0.0, 4, 0.25) == 0.5
-    assert "| self | 1 |" in out
+    assert "| self | constant | 1 |" in out
     code, _, err = run(capsys, *args, "--draft-vocab-data", tmp_path, "--out", tmp_path / "x")
     one_line_error(code, err, "meta.json")
     code, _, err = run(capsys, *args[:5], "same", "--draft-vocab", "10", "--out", tmp_path / "y")

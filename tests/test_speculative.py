@@ -11,6 +11,8 @@ samples (fewer samples only make a failure harder to reach, and keep CI short).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from toyllm.speculative import (
     SpeculativeDecoder,
     SpeculativeStats,
     ThresholdSchedule,
+    VerifyCost,
     speculative_stream,
     verify_drafts,
     verify_greedy,
@@ -270,8 +273,8 @@ def dist_config(knobs: dict) -> GenerationConfig:
 
 
 def fixed_threshold(config: GenerationConfig) -> ThresholdSchedule:
-    """The threshold schedule with c fixed, so that K does not depend on timings (and the test is reproducible)."""
-    return ThresholdSchedule(config, cost_ratio=0.25)
+    """The threshold schedule with c and v(k) fixed, so that K does not depend on timings (the test is reproducible)."""
+    return ThresholdSchedule(config, cost_ratio=0.25, verify_slope=0.0)
 
 
 class NoResidualDecoder(SpeculativeDecoder):
@@ -552,16 +555,113 @@ def test_threshold_schedule_rule() -> None:
     assert s.keep_drafting(1, 0.99) and not s.keep_drafting(2, 0.99)
 
 
-@pytest.mark.parametrize("cost_ratio, expected", [(0.0, 8), (1.0, 1)])
-def test_threshold_schedule_in_a_run(target, cost_ratio: float, expected: int) -> None:
+@pytest.mark.parametrize("cost_ratio, verify_slope, expected", [(0.0, 0.0, 8), (1.0, 0.0, 1), (0.0, 1.0, 1)])
+def test_threshold_schedule_in_a_run(target, cost_ratio: float, verify_slope: float, expected: int) -> None:
     config = GenerationConfig(
         max_new_tokens=40, temperature=0.0, eos_token_id=None, lookahead_schedule="threshold", max_lookahead=8
     )
     ids = prompts(96, (3,))[0]
-    schedule = ThresholdSchedule(config, cost_ratio=cost_ratio)
+    schedule = ThresholdSchedule(config, cost_ratio=cost_ratio, verify_slope=verify_slope)
     out, spec = spec_generate(target, target, ids, config, schedule=schedule)
     assert torch.equal(out, generate(target, ids, config))
-    assert set(spec.lookaheads[1:-1]) == {expected}  # free drafts: always the maximum; costly ones: one a round
+    # Free drafts: always the maximum. Costly drafts, or drafts that each make the verification a whole target
+    # forward dearer: one a round.
+    assert set(spec.lookaheads[1:-1]) == {expected}
+
+
+def test_verify_cost_curve() -> None:
+    """v(k): the mean timed forward per k, non-decreasing, an untimed k priced optimistically at k - 1's cost."""
+    cost = VerifyCost()
+    assert cost.curve(3) == [1.0] * 4 and cost.marginal(3) == 0.0  # nothing timed: the paper's model
+    for _ in range(50):  # a CPU-like curve, with a jump at 6 drafts (more rows than the kernel takes)
+        cost.add(2, 1.0)
+        cost.add(6, 3.0)
+    assert cost.unit == pytest.approx(2.0)
+    curve = cost.curve(8)
+    assert curve == sorted(curve)
+    assert curve[2] == pytest.approx(0.5) and curve[6] == pytest.approx(1.5, rel=0.03)
+    assert curve[0] == curve[1] == curve[2]  # below the smallest k timed: flat
+    assert curve[3] == curve[5] == curve[2]  # untimed k between: as cheap as the last timed one, so they get tried
+    assert curve[7] == curve[8] == curve[6]
+    assert cost.marginal(6) == pytest.approx(1.0, rel=0.05) and cost.marginal(4) == 0.0
+    cost.add(4, 2.0)  # tried once: pulled toward k = 3's value by the prior, no longer free
+    assert 0.5 < cost.curve(8)[4] < 1.0
+    cost.add(3, 0.1)  # a fast outlier cannot make more rows cheaper than fewer
+    assert cost.curve(8)[3] >= cost.curve(8)[2]
+    assert VerifyCost(slope=0.25).curve(2) == [1.0, 1.25, 1.5]
+
+
+def test_threshold_schedule_batch_rule() -> None:
+    """In a batch, draft i is worth proposing when the survival summed over live rows beats (c + dv_i) * R."""
+    config = GenerationConfig(lookahead_schedule="threshold", max_lookahead=8)
+
+    def second_draft(rows: int) -> bool:
+        s = ThresholdSchedule(config, cost_ratio=0.3, verify_slope=0.0)  # R = 1 before any round: need 0.3
+        s.start_round()
+        assert s.keep_drafting_rows(1, [0.95] * rows)  # a(0.95) = 0.95 (the prior)
+        return s.keep_drafting_rows(2, [0.15] * rows)  # a(0.15) = 0.15: each row's survival 0.1425
+
+    assert not second_draft(1) and not second_draft(2)  # 0.1425, 0.285 < 0.3
+    assert second_draft(3) and second_draft(4)  # 0.4275, 0.57: more rows, more tokens for the same draft step
+    # A batch of one asks exactly what the one-prompt question asks.
+    one, many = ThresholdSchedule(config, cost_ratio=0.3), ThresholdSchedule(config, cost_ratio=0.3)
+    for s in (one, many):
+        s.start_round()
+    assert one.keep_drafting(1, 0.95) == many.keep_drafting_rows(1, [0.95])
+    assert one.keep_drafting(2, 0.15) == many.keep_drafting_rows(2, [0.15])
+
+
+def test_threshold_schedule_learns_from_every_row() -> None:
+    config = GenerationConfig(lookahead_schedule="threshold", max_lookahead=8)
+    s = ThresholdSchedule(config, cost_ratio=0.1, verify_slope=0.0)
+    before = list(s.verified)
+    # Row 0 kept 1 of its 3 usable drafts (draft 2 rejected, draft 3 never judged); row 1 could use only 1 and kept it.
+    s.update_rows(3, 1, [1, 1], [[0.95, 0.55, 0.35], [0.75]], cost_ratio=0.1)
+    judged = [b - a for a, b in zip(before, s.verified, strict=True)]
+    assert judged[9] == 1 and judged[5] == 1 and judged[7] == 1 and judged[3] == 0 and sum(judged) == 3
+    assert s.accepted[5] == pytest.approx(2 * 0.55)  # the rejected one added no acceptance to its bin
+    assert s.tokens == 4  # every row's tokens: kept + 1 each
+
+
+def test_threshold_schedule_times_its_draft_steps(monkeypatch) -> None:
+    """Live timing: c is the time between two questions (a whole draft step) over the mean verification forward,
+    and R's cost the round's measured time."""
+    import toyllm.speculative.schedules as schedules
+
+    # The clock reads: construction; round 1: start, three questions; round 2: start, two questions, update.
+    clock = iter([0.0, 10.0, 10.0, 12.0, 14.0, 20.0, 20.0, 21.0, 25.0])
+    monkeypatch.setattr(schedules.time, "perf_counter", lambda: next(clock))
+    s = ThresholdSchedule(GenerationConfig(lookahead_schedule="threshold", max_lookahead=8))
+    s.start_round()
+    for index in (1, 2, 3):  # draft steps of 2 s
+        s.keep_drafting_rows(index, [0.99])
+    s.update(3, 3, [0.99] * 3, cost_ratio=0.05, verify_seconds=10.0)  # the first round's cost is modelled
+    assert s.cost_ratio == pytest.approx(0.2)  # 2 s per step / 10 s per verification, not the decoder's 0.05
+    assert s.cost == pytest.approx(1.0 + 0.2 * 3)
+    s.start_round()
+    for index in (1, 2):  # a draft step of 1 s: c is now the mean of three steps, 5 s / 3
+        s.keep_drafting_rows(index, [0.99])
+    s.update(2, 2, [0.99] * 2, cost_ratio=0.05, verify_seconds=10.0)
+    assert s.cost_ratio == pytest.approx(5 / 3 / 10)
+    assert s.cost == pytest.approx(1.6 + 0.5)  # the round took 5 s, half a verification forward (10 s)
+
+
+def test_bench_times_adaptive_schedules(tmp_path) -> None:
+    """`--schedules`: each schedule at each K, side by side; the formula's columns only where K is fixed."""
+    from toyllm.bench.speculative import format_table, run_speculative_bench
+
+    kw = dict(target="random:gpt2-tiny", cases=["self"], self_layers=1, lookaheads=[2, 4], max_new_tokens=12)
+    schedules = ["constant", "threshold", "threshold-flat"]  # -flat: the paper's v(k) = 1, an ablation
+    results = run_speculative_bench(**kw, schedules=schedules, device="cpu", out_dir=tmp_path)
+    rows = {(r["schedule"], r["lookahead"]): r for r in results["rows"]}
+    assert sorted(rows) == [(s, k) for s in schedules for k in (2, 4)]
+    assert all(r["outputs_match"] is True for r in rows.values())
+    assert rows["constant", 4]["mean_lookahead"] <= 4 and rows["threshold", 4]["mean_lookahead"] <= 4
+    assert math.isfinite(rows["constant", 2]["theoretical_speedup"])
+    assert math.isnan(rows["threshold", 2]["theoretical_speedup"])  # the formula is for a fixed K
+    assert "| self | threshold | 4 |" in format_table(results) and (tmp_path / "speculative_speedup.png").is_file()
+    with pytest.raises(InvalidArgumentError, match="--schedules"):
+        run_speculative_bench(**kw, schedules=["fastest"], device="cpu")
 
 
 # -- errors -------------------------------------------------------------------------------------------------------

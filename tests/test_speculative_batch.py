@@ -35,7 +35,13 @@ from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate, generate_text
 from toyllm.gpt2 import GPT2LMHeadModel
 from toyllm.sampling import process_logits
-from toyllm.speculative import BatchSpeculativeDecoder, SpeculativeDecoder, SpeculativeStats, batch_speculative_stream
+from toyllm.speculative import (
+    BatchSpeculativeDecoder,
+    SpeculativeDecoder,
+    SpeculativeStats,
+    ThresholdSchedule,
+    batch_speculative_stream,
+)
 from toyllm.speculative.verify import verify_drafts
 
 
@@ -197,6 +203,34 @@ def test_batch_of_one_drafts_like_the_one_prompt_decoder(target, drafts, schedul
         assert batch.stats.accepted_per_round == one.stats.accepted_per_round
         assert (batch.stats.proposed, batch.stats.accepted) == (one.stats.proposed, one.stats.accepted)
         assert torch.equal(batch.tokens[0, : one.length], one.tokens[: one.length])
+
+
+def test_threshold_schedule_hears_every_row(target, drafts) -> None:
+    """The batch tells the threshold schedule each live row's acceptances and the confidences of the drafts that row
+    could use (a row near its end fewer), and the verification's time, from which it learns v(k)."""
+    heard: list[tuple[int, list[int], list[list[float]], float | None]] = []
+
+    class Listening(ThresholdSchedule):
+        def update_rows(self, proposed, fewest, accepted, confidences, cost_ratio, verify_seconds=None) -> None:
+            heard.append((proposed, list(accepted), [list(row) for row in confidences], verify_seconds))
+            super().update_rows(proposed, fewest, accepted, confidences, cost_ratio, verify_seconds)
+
+    ids, mask = left_padded((4, 7, 5))
+    config = GenerationConfig(
+        max_new_tokens=14, temperature=0.0, eos_token_id=None, lookahead_schedule="threshold", max_lookahead=5
+    )
+    schedule = Listening(config, cost_ratio=0.05, verify_slope=0.0)
+    decoder = BatchSpeculativeDecoder(target, drafts["self"], ids, config, attention_mask=mask, schedule=schedule)
+    dec = run_to_end(decoder)
+    plain = generate(target, ids, config, attention_mask=mask)
+    assert torch.equal(dec.tokens[:, : plain.shape[1]], plain)
+    assert len(heard) == dec.stats.rounds and any(len(set(map(len, rows))) > 1 for _, _, rows, _ in heard)
+    assert len(heard[0][1]) == 3 and len(heard[-1][1]) < 3  # rows run ahead of each other: finished ones are silent
+    for proposed, accepted, rows, seconds in heard:
+        assert len(accepted) == len(rows)
+        assert all(len(row) <= proposed and kept <= len(row) for kept, row in zip(accepted, rows, strict=True))
+        assert all(0 < m <= 1 for row in rows for m in row) and seconds is not None and seconds > 0
+    assert sum(schedule.verify_cost.count.values()) == dec.stats.rounds
 
 
 def test_batch_text_api_and_a_single_padded_row(target, drafts) -> None:

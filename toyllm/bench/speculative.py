@@ -39,7 +39,9 @@ from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.speculative import (
+    LookaheadSchedule,
     SpeculativeStats,
+    ThresholdSchedule,
     batch_speculative_stream,
     check_draft,
     draft_vocabulary,
@@ -48,6 +50,9 @@ from toyllm.speculative import (
 from toyllm.tokenizer import load_tokenizer
 
 CASES = ("draft", "same", "self")
+# `threshold-flat` is the threshold schedule with the paper's cost model, v(k) = 1 (verification costs one target
+# forward whatever k is): the ablation that shows what learning v(k) is worth.
+SCHEDULES = ("constant", "heuristic", "threshold", "threshold-flat")
 
 
 def theoretical_speedup(alpha: float, lookahead: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
@@ -89,14 +94,18 @@ def _plain_totals(runs: list[dict]) -> dict[str, float]:
 
 
 def _timed_speculative(
-    target: GPT2LMHeadModel, draft: GPT2LMHeadModel, ids: torch.Tensor, config: GenerationConfig
+    target: GPT2LMHeadModel,
+    draft: GPT2LMHeadModel,
+    ids: torch.Tensor,
+    config: GenerationConfig,
+    schedule: LookaheadSchedule | None = None,
 ) -> tuple[torch.Tensor, SpeculativeStats, float]:
     """Speculative decoding of one prompt (or one batch): its output (prompt first, like `generate`), counters and
     seconds."""
     spec = SpeculativeStats()
     stream = batch_speculative_stream if ids.shape[0] > 1 else speculative_stream
     start = time.perf_counter()
-    out = torch.cat([ids, *stream(target, draft, ids, config, spec_stats=spec)], dim=1)
+    out = torch.cat([ids, *stream(target, draft, ids, config, spec_stats=spec, schedule=schedule)], dim=1)
     return out, spec, time.perf_counter() - start
 
 
@@ -109,6 +118,7 @@ def _row(
     case: str,
     draft_name: str,
     K: int,
+    schedule: str,
     spec: SpeculativeStats,
     seconds: float,
     plain: dict[str, float],
@@ -118,11 +128,13 @@ def _row(
     """One line of results: a speculative run next to the plain run it is compared with."""
     alpha = spec.alpha  # per judged draft: the alpha of the formula
     v = spec.verify_seconds / max(1, spec.rounds) / plain["step_seconds"]  # verify forward, in target steps
-    known = math.isfinite(alpha)
+    known = math.isfinite(alpha) and schedule == "constant"  # the formula is for a fixed K
     return {
         "case": case,
         "draft": draft_name,
-        "lookahead": K,
+        "lookahead": K,  # the schedule's K: fixed (constant), starting (heuristic) or at most (threshold)
+        "schedule": schedule,
+        "mean_lookahead": float(np.mean(spec.lookaheads)) if spec.lookaheads else float("nan"),
         "tokens_per_second": spec.new_tokens / seconds,
         "plain_tokens_per_second": plain["tokens_per_second"],
         "acceptance_rate": spec.acceptance_rate,
@@ -159,6 +171,7 @@ def run_speculative_bench(
     *,
     cases: Sequence[str] = CASES,
     lookaheads: Sequence[int] = (2, 4, 8),
+    schedules: Sequence[str] = ("constant",),
     self_layers: int | None = None,
     max_new_tokens: int = 64,
     prompt_tokens: int = 32,
@@ -180,7 +193,9 @@ def run_speculative_bench(
     """Run the benchmark; return the results (and write `speculative.json` + `speculative_speedup.png` to `out_dir`).
 
     target, draft: model names as `toyllm generate` takes them (Hub id, local directory, `random:<preset>`).
-    cases: any of `draft`, `same`, `self`. self_layers: layers of the self-speculative draft (default n_layer // 4).
+    cases: any of `draft`, `same`, `self`. schedules: lookahead schedules to time at each K (for `threshold` K is
+    the most drafts a round may propose, for `heuristic` where it starts); the formula's columns are for `constant`
+    only. self_layers: layers of the self-speculative draft (default n_layer // 4).
     Each of the `prompts` prompts is `prompt_tokens` random token ids (seeded), or a window of `prompt_file`'s text
     (trained models agree far more often on real text): one prompt is its last `prompt_tokens` tokens; several are
     spread evenly over its last 5%, the held-out tail that `toyllm prepare` makes the validation split. Times and
@@ -197,6 +212,8 @@ def run_speculative_bench(
         raise InvalidArgumentError(
             f"--prompts, --batch and --repeats must be >= 1, got {prompts}, {batch} and {repeats}"
         )
+    if not schedules or set(schedules) - set(SCHEDULES):
+        raise InvalidArgumentError(f"--schedules takes any of {', '.join(SCHEDULES)}, got {', '.join(schedules)}")
     unknown = set(cases) - set(CASES)
     if unknown:
         raise InvalidArgumentError(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
@@ -252,7 +269,7 @@ def run_speculative_bench(
         shape = (batch, prompt_tokens)
         prompt_ids = [torch.randint(0, V, shape, generator=generator).to(dev) for _ in range(prompts)]
 
-    def config(lookahead: int = 4) -> GenerationConfig:
+    def config(lookahead: int = 4, schedule: str = "constant") -> GenerationConfig:
         """Plain sampling without top-k, EOS ignored, so that every run makes exactly max_new_tokens."""
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -261,7 +278,8 @@ def run_speculative_bench(
             seed=seed,
             eos_token_id=None,
             lookahead=lookahead,
-            max_lookahead=max(16, lookahead),
+            max_lookahead=lookahead if schedule == "threshold" else max(16, lookahead),
+            lookahead_schedule=schedule,
         )
 
     with torch.inference_mode():
@@ -276,34 +294,37 @@ def run_speculative_bench(
         say(f"case {case}: each prompt decoded plainly (target and draft), then speculatively; {repeats} time(s)")
         plain: list[Any] = [None] * P
         draft_plain: list[Any] = [None] * P
-        best: dict[int, list[Any]] = {K: [None] * P for K in lookaheads}
-        matches = {K: True for K in lookaheads}
-        tasks: list[str | int] = ["plain", *(["draft"] if case != "same" else []), *lookaheads]
+        runs = [(schedule, K) for schedule in schedules for K in lookaheads]
+        best: dict[tuple[str, int], list[Any]] = {run: [None] * P for run in runs}
+        matches = {run: True for run in runs}
+        tasks: list[str | tuple[str, int]] = ["plain", *(["draft"] if case != "same" else []), *runs]
         for repeat in range(repeats):
             for i, ids in enumerate(prompt_ids):
-                outputs: dict[int, torch.Tensor] = {}
+                outputs: dict[tuple[str, int], torch.Tensor] = {}
                 for task in tasks if repeat % 2 == 0 else tasks[::-1]:
                     if task == "plain":
-                        reference, run = _timed_plain(target_model, ids, config())
-                        plain[i] = _faster(plain[i], run, lambda r: r["seconds"])
+                        reference, timing = _timed_plain(target_model, ids, config())
+                        plain[i] = _faster(plain[i], timing, lambda r: r["seconds"])
                     elif task == "draft":
                         draft_run = _timed_plain(model, ids, config())[1]
                         draft_plain[i] = _faster(draft_plain[i], draft_run, lambda r: r["seconds"])
-                    else:
-                        K = int(task)
-                        outputs[K], spec, seconds = _timed_speculative(target_model, model, ids, config(K))
-                        best[K][i] = _faster(best[K][i], (spec, seconds), lambda t: t[1])
-                for K, out in outputs.items():  # every run, not only the fastest
-                    matches[K] = matches[K] and torch.equal(out, reference)
+                    elif isinstance(task, tuple):
+                        schedule, K = task
+                        settings = config(K, schedule.removesuffix("-flat"))
+                        flat = ThresholdSchedule(settings, verify_slope=0.0) if schedule == "threshold-flat" else None
+                        outputs[task], spec, seconds = _timed_speculative(target_model, model, ids, settings, flat)
+                        best[task][i] = _faster(best[task][i], (spec, seconds), lambda t: t[1])
+                for key, out in outputs.items():  # every run, not only the fastest
+                    matches[key] = matches[key] and torch.equal(out, reference)
         target_totals = _plain_totals(plain)
         draft_totals = target_totals if case == "same" else _plain_totals(draft_plain)
         plain_runs[case] = {"target": target_totals, "draft": draft_totals}
         c = draft_totals["step_seconds"] / target_totals["step_seconds"]
-        for K in lookaheads:
-            spec = SpeculativeStats.total(t[0] for t in best[K])
-            seconds = sum(t[1] for t in best[K])
-            match = matches[K] if temperature == 0 else None
-            rows.append(_row(case, names[case], K, spec, seconds, target_totals, c, match))
+        for schedule, K in runs:
+            spec = SpeculativeStats.total(t[0] for t in best[schedule, K])
+            seconds = sum(t[1] for t in best[schedule, K])
+            match = matches[schedule, K] if temperature == 0 else None
+            rows.append(_row(case, names[case], K, schedule, spec, seconds, target_totals, c, match))
     results: dict[str, Any] = {
         "machine": describe_machine(dev),
         "settings": {
@@ -311,6 +332,7 @@ def run_speculative_bench(
             "draft": draft,
             "cases": list(drafts),
             "lookaheads": list(lookaheads),
+            "schedules": list(schedules),
             "max_new_tokens": max_new_tokens,
             "prompt_tokens": prompt_tokens,
             "prompts": prompts,
@@ -351,7 +373,19 @@ def plot_speedup(results: dict[str, Any], path: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9.5, 4.4))
     for i, case in enumerate(results["settings"]["cases"]):
-        rows = [r for r in results["rows"] if r["case"] == case]
+        for j, schedule in enumerate(s for s in results["settings"].get("schedules", ["constant"]) if s != "constant"):
+            adaptive = [r for r in results["rows"] if r["case"] == case and r.get("schedule") == schedule]
+            ax.plot(
+                [r["lookahead"] for r in adaptive],
+                [r["decode_speedup"] for r in adaptive],
+                "*^"[j % 2],
+                markersize=9,
+                color=f"C{i}",
+                label=f"{case} `{schedule}` schedule (x: its max K), decoding",
+            )
+        rows = [r for r in results["rows"] if r["case"] == case and r.get("schedule", "constant") == "constant"]
+        if not rows:
+            continue
         ks = [r["lookahead"] for r in rows]
         label = f"{case} (alpha={rows[0]['alpha']:.2f}, c={rows[0]['cost_ratio']:.2f})"
         ax.plot(ks, [r["decode_speedup"] for r in rows], "o-", color=f"C{i}", label=f"{label} measured, decoding")
@@ -377,21 +411,39 @@ def plot_speedup(results: dict[str, Any], path: str | Path) -> None:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table of the rows, for BENCHMARKS.md."""
-    lines = [
-        "| case | K | tokens/s spec | tokens/s plain | accepted/proposed | alpha | tokens/target fwd | c | "
-        "v = verify/step | speedup | decode speedup | theory | decode / theory | theory with v | same output |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    """A Markdown table of the rows, for BENCHMARKS.md. The formula's columns are blank for adaptive schedules."""
+
+    def times(x: float) -> str:
+        return f"{x:.2f}x" if math.isfinite(x) else "-"
+
+    header = [
+        *("case", "schedule", "K", "mean K", "tokens/s spec", "tokens/s plain", "accepted/proposed", "alpha"),
+        *("tokens/target fwd", "c", "v = verify/step", "speedup", "decode speedup", "theory", "decode / theory"),
+        *("theory with v", "same output"),
     ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results["rows"]:
-        lines.append(
-            f"| {r['case']} | {r['lookahead']} | {r['tokens_per_second']:.2f} | {r['plain_tokens_per_second']:.2f} | "
-            f"{r['acceptance_rate']:.3f} | {r['alpha']:.3f} | {r['tokens_per_target_forward']:.2f} | "
-            f"{r['cost_ratio']:.3f} | "
-            f"{r['verify_over_step']:.2f} | {r['speedup']:.2f}x | {r['decode_speedup']:.2f}x | "
-            f"{r['theoretical_speedup']:.2f}x | {r['decode_speedup'] / r['theoretical_speedup']:.0%} | "
-            f"{r['theoretical_speedup_with_verify_cost']:.2f}x | {r['outputs_match']} |"
-        )
+        theory = r["theoretical_speedup"]
+        cells = [
+            r["case"],
+            r.get("schedule", "constant"),
+            r["lookahead"],
+            f"{r.get('mean_lookahead', math.nan):.2f}",
+            f"{r['tokens_per_second']:.2f}",
+            f"{r['plain_tokens_per_second']:.2f}",
+            f"{r['acceptance_rate']:.3f}",
+            f"{r['alpha']:.3f}",
+            f"{r['tokens_per_target_forward']:.2f}",
+            f"{r['cost_ratio']:.3f}",
+            f"{r['verify_over_step']:.2f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['decode_speedup']:.2f}x",
+            times(theory),
+            f"{r['decode_speedup'] / theory:.0%}" if math.isfinite(theory) else "-",
+            times(r["theoretical_speedup_with_verify_cost"]),
+            r["outputs_match"],
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

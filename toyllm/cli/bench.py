@@ -459,6 +459,10 @@ def speculative(
     draft: Annotated[str, typer.Option("--draft", help="The draft model of the `draft` case.")] = "random:gpt2",
     cases: Annotated[str, typer.Option("--cases", help="Comma-separated: draft, same, self.")] = "draft,same,self",
     lookaheads: Annotated[str, typer.Option("--lookaheads", help="Comma-separated lookahead values K.")] = "2,4,8",
+    schedules: Annotated[
+        str,
+        typer.Option("--schedules", help="Comma-separated: constant, heuristic, threshold, threshold-flat."),
+    ] = "constant",
     self_layers: Annotated[
         int | None, typer.Option("--self-layers", help="Layers of the self draft (default n_layer // 4).")
     ] = None,
@@ -508,6 +512,7 @@ def speculative(
         draft,
         cases=[c.strip() for c in cases.split(",") if c.strip()],
         lookaheads=ks,
+        schedules=[x.strip() for x in schedules.split(",") if x.strip()],
         self_layers=self_layers,
         max_new_tokens=max_new_tokens,
         prompt_tokens=prompt_len,

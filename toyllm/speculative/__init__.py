@@ -10,6 +10,7 @@ from toyllm.speculative.schedules import (
     HeuristicSchedule,
     LookaheadSchedule,
     ThresholdSchedule,
+    VerifyCost,
     make_schedule,
 )
 from toyllm.speculative.stats import SpeculativeStats
@@ -24,6 +25,7 @@ __all__ = [
     "SpeculativeDecoder",
     "SpeculativeStats",
     "ThresholdSchedule",
+    "VerifyCost",
     "batch_speculative_stream",
     "check_draft",
     "draft_vocabulary",

@@ -23,8 +23,9 @@ row's last draft sits in a slot only the target filled, and the draft's first fo
 (a hole for the other rows) together with the new token.
 
 Scope: every row must fit in the context window (prompt + max_new_tokens); one prompt at a time slides the window.
-The schedules choose one k for the whole batch: the draft keeps going while any row is confident, and the schedule
-learns from the row that accepted fewest (one that kept every draft it could use counts as fully accepted).
+The schedules choose one k for the whole batch. `constant` and `heuristic` hear the row that accepted fewest (one
+that kept every draft it could use counts as fully accepted). `threshold` hears every live row: a draft is worth
+proposing when the tokens it is expected to add over all rows pay for it, the one-prompt rule summed over rows.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from toyllm.generation import GenerationConfig, GenerationStats, _positions, _St
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
 from toyllm.sampling import greedy, logits_to_probs, process_logits, sample
-from toyllm.speculative.decode import check_draft, run_rounds
+from toyllm.speculative.decode import check_draft, draft_confidence, run_rounds
 from toyllm.speculative.schedules import LookaheadSchedule, make_schedule
 from toyllm.speculative.stats import SpeculativeStats
 from toyllm.speculative.verify import verify_drafts, verify_greedy
@@ -273,6 +274,7 @@ class BatchSpeculativeDecoder:
 
         drafts, q, confidences = self._propose(last_slot, k)  # (B, k), (B, k, V)
         k = drafts.shape[1]  # the threshold schedule may have stopped early
+        verified = self.stats.verify_seconds
         scores = self._score(last_slot, drafts)  # (B, k + 1, V) processed
         # Drafts row b could emit at all (k follows the row with the most room; finished rows are skipped anyway).
         usable = [min(k, budget[b] - 1) for b in range(B)]
@@ -285,7 +287,15 @@ class BatchSpeculativeDecoder:
         s.lookaheads.append(k)
         s.accepted_per_round.append(fewest)
         c = s.cost_ratio
-        self.schedule.update(k, fewest, confidences, c if math.isfinite(c) else None)
+        rows_live = [b for b in range(B) if live[b]]
+        self.schedule.update_rows(
+            k,
+            fewest,
+            [kept[b] for b in rows_live],
+            [[confidences[j][b] for j in range(usable[b])] for b in rows_live],  # the drafts each row could use
+            c if math.isfinite(c) else None,
+            s.verify_seconds - verified,
+        )
         self.done = bool(self.finished.all())
 
     @staticmethod
@@ -302,30 +312,29 @@ class BatchSpeculativeDecoder:
                 fewest = min(fewest, kept[b])
         return fewest
 
-    def _propose(self, last_slot: int, k: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    def _propose(self, last_slot: int, k: int) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
         """The draft writes up to k tokens per row after each row's last token; return them (B, k), the distributions
-        they were sampled from (B, k, V; (B, 0, V) at temperature 0) and the draft's confidences."""
+        they were sampled from (B, k, V; (B, 0, V) at temperature 0) and the draft's confidences [draft][row]."""
         B, device = self.tokens.shape[0], self.tokens.device
         rows = torch.arange(B, device=device)
         live = ~self.finished  # (B,) bool
+        live_rows = live.nonzero().flatten().tolist()
         self.schedule.start_round()
         drafts: list[torch.Tensor] = []
         qs: list[torch.Tensor] = []
-        confidences: list[float] = []
+        confidences: list[list[float]] = []  # per draft, per row
         for i in range(1, k + 1):
             # The draft's first forward also replays the slots it has not seen (a row's last draft of the previous
             # round, when that row accepted them all). Draft i follows column next_column + i - 2.
             logits = self._timed_draft(self.draft_cache.length, last_slot + i)  # (B, V)
             processed = self._process(logits, self.next_column + i - 1)
-            # The batch keeps drafting while any live row's draft is confident. (The `threshold` schedule then learns
-            # from this batch maximum paired with the fewest acceptances, a pessimistic pairing: in a batch its
-            # threshold errs on the high side, which costs speed, never exactness.)
+            # Every row's confidence; the schedule decides for the batch from the live rows' (keep_drafting_rows).
             confidence = (
-                float(torch.softmax(processed, dim=-1).max(dim=-1).values[live].max())
+                draft_confidence(self.draft, processed).tolist()  # (B,)
                 if self.schedule.uses_confidence
-                else math.nan
+                else [math.nan] * B
             )
-            if not self.schedule.keep_drafting(i, confidence) and i > 1:
+            if not self.schedule.keep_drafting_rows(i, [confidence[b] for b in live_rows]) and i > 1:
                 break
             if self.greedy:
                 token = greedy(processed)

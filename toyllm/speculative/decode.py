@@ -54,6 +54,18 @@ def check_draft(target: GPT2LMHeadModel, draft: GPT2LMHeadModel) -> None:
         raise InvalidArgumentError(f"the draft is on {d_dev} but the target is on {t_dev}; put both on one device")
 
 
+def draft_confidence(draft: GPT2LMHeadModel, processed: torch.Tensor) -> torch.Tensor:
+    """The draft's top probability per row of its processed (rows, V) logits, what the `threshold` schedule reads.
+
+    A vocabulary-restricted draft (`restrict_vocab`) gives every token outside its kept ids a logit of -inf, which
+    no processing step raises, so they add nothing to the softmax: only the kept columns are read (at 50257 tokens
+    the full softmax cost about a tenth of a small draft's step).
+    """
+    if draft.head_vocab is not None:
+        processed = processed.index_select(-1, draft.head_vocab)  # (rows, kept)
+    return torch.softmax(processed, dim=-1).amax(dim=-1)
+
+
 class _Window:
     """One model, its KV cache, and the start `s` of the tokens it sees: the cache holds tokens[s : s + length]."""
 
@@ -176,6 +188,7 @@ class SpeculativeDecoder:
 
         confidences, q = self._propose(k)
         k = len(confidences)
+        verified = self.stats.verify_seconds
         scores = self._target_scores(k)  # (k + 1, V) processed logits
         if self.greedy:  # p and q are one-hots: compare argmaxes (verify_greedy), no distributions needed
             n, nxt = verify_greedy(self.tokens[L : L + k], greedy(scores))
@@ -196,7 +209,7 @@ class SpeculativeDecoder:
         s.lookaheads.append(k)
         s.accepted_per_round.append(n)
         c = s.cost_ratio
-        self.schedule.update(k, n, confidences, c if math.isfinite(c) else None)
+        self.schedule.update(k, n, confidences, c if math.isfinite(c) else None, s.verify_seconds - verified)
         return self.tokens[L : L + emitted]
 
     def _emit(self, n: int) -> int:
@@ -241,7 +254,7 @@ class SpeculativeDecoder:
             logits = self._timed_draft(self.tokens[None, dw.end : pos])  # (1, V)
             processed = self._process(logits, self.tokens[None, :pos])
             # The draft's confidence: its top probability (before the greedy one-hot, so it means something at T=0).
-            confidence = float(torch.softmax(processed, dim=-1).max()) if self.schedule.uses_confidence else math.nan
+            confidence = float(draft_confidence(self.draft, processed)) if self.schedule.uses_confidence else math.nan
             if not self.schedule.keep_drafting(i, confidence) and i > 1:
                 break
             if self.greedy:
