@@ -592,23 +592,25 @@ def test_verify_cost_curve() -> None:
 
 
 def test_threshold_schedule_batch_rule() -> None:
-    """In a batch, draft i is worth proposing when the survival summed over live rows beats (c + dv_i) * R."""
+    """In a batch, draft i is worth proposing when the live rows' summed survival beats (c + dv_i) * R * rows (R per
+    row); a row with no room for draft i (NaN) brings nothing."""
     config = GenerationConfig(lookahead_schedule="threshold", max_lookahead=8)
 
-    def second_draft(rows: int) -> bool:
-        s = ThresholdSchedule(config, cost_ratio=0.3, verify_slope=0.0)  # R = 1 before any round: need 0.3
+    def second_draft(confidences: list[float]) -> bool:
+        s = ThresholdSchedule(config, cost_ratio=0.3, verify_slope=0.0)  # R = 1 before any round: 0.3 a row
         s.start_round()
-        assert s.keep_drafting_rows(1, [0.95] * rows)  # a(0.95) = 0.95 (the prior)
-        return s.keep_drafting_rows(2, [0.15] * rows)  # a(0.15) = 0.15: each row's survival 0.1425
+        assert s.keep_drafting_rows(1, [0.95] * len(confidences))  # a(0.95) = 0.95 (the prior)
+        return s.keep_drafting_rows(2, confidences)  # survival 0.95 * a(m) per row; need 0.3 * rows
 
-    assert not second_draft(1) and not second_draft(2)  # 0.1425, 0.285 < 0.3
-    assert second_draft(3) and second_draft(4)  # 0.4275, 0.57: more rows, more tokens for the same draft step
-    # A batch of one asks exactly what the one-prompt question asks.
-    one, many = ThresholdSchedule(config, cost_ratio=0.3), ThresholdSchedule(config, cost_ratio=0.3)
-    for s in (one, many):
-        s.start_round()
-    assert one.keep_drafting(1, 0.95) == many.keep_drafting_rows(1, [0.95])
-    assert one.keep_drafting(2, 0.15) == many.keep_drafting_rows(2, [0.15])
+    assert not second_draft([0.15]) and not second_draft([0.15, 0.15])  # 0.1425 a row
+    assert second_draft([0.95, 0.15])  # 0.9025 + 0.1425 >= 0.6: one sure row carries the batch
+    assert second_draft([0.55, 0.55]) and not second_draft([0.55, math.nan])  # 1.045 >= 0.6 > 0.5225
+    assert second_draft([0.95, math.nan])  # 0.9025: the row with room is sure enough for both
+    # R is per row: four rows that each keep one draft of two make the rate one row keeping one makes.
+    one, four = ThresholdSchedule(config, cost_ratio=0.1), ThresholdSchedule(config, cost_ratio=0.1)
+    one.update_rows(2, 1, [1], [[0.9, 0.9]], cost_ratio=0.1)
+    four.update_rows(2, 1, [1] * 4, [[0.9, 0.9]] * 4, cost_ratio=0.1)
+    assert one.rate == pytest.approx(2 / 1.2) and four.rate == pytest.approx(one.rate)
 
 
 def test_threshold_schedule_learns_from_every_row() -> None:
@@ -625,34 +627,55 @@ def test_threshold_schedule_learns_from_every_row() -> None:
 
 def test_threshold_schedule_times_its_draft_steps(monkeypatch) -> None:
     """Live timing: c is the time between two questions (a whole draft step) over the mean verification forward,
-    and R's cost the round's measured time."""
+    and R's cost the rounds' measured times, all priced in the current mean verification forward."""
     import toyllm.speculative.schedules as schedules
 
-    # The clock reads: construction; round 1: start, three questions; round 2: start, two questions, update.
-    clock = iter([0.0, 10.0, 10.0, 12.0, 14.0, 20.0, 20.0, 21.0, 25.0])
-    monkeypatch.setattr(schedules.time, "perf_counter", lambda: next(clock))
+    now = [0.0]
+    monkeypatch.setattr(schedules.time, "perf_counter", lambda: now[0])
+
+    def at(t: float) -> float:
+        now[0] = t
+        return t
+
     s = ThresholdSchedule(GenerationConfig(lookahead_schedule="threshold", max_lookahead=8))
-    s.start_round()
-    for index in (1, 2, 3):  # draft steps of 2 s
-        s.keep_drafting_rows(index, [0.99])
+    at(10.0), s.start_round()
+    for t, index in ((10.0, 1), (12.0, 2), (14.0, 3)):  # draft steps of 2 s
+        at(t), s.keep_drafting_rows(index, [0.99])
     s.update(3, 3, [0.99] * 3, cost_ratio=0.05, verify_seconds=10.0)  # the first round's cost is modelled
     assert s.cost_ratio == pytest.approx(0.2)  # 2 s per step / 10 s per verification, not the decoder's 0.05
-    assert s.cost == pytest.approx(1.0 + 0.2 * 3)
-    s.start_round()
-    for index in (1, 2):  # a draft step of 1 s: c is now the mean of three steps, 5 s / 3
-        s.keep_drafting_rows(index, [0.99])
-    s.update(2, 2, [0.99] * 2, cost_ratio=0.05, verify_seconds=10.0)
+    assert s.cost == pytest.approx(1.0 + 0.2 * 3)  # v(3) + 3c, in verification forwards (16 s)
+    at(20.0), s.start_round()
+    for t, index in ((20.0, 1), (21.0, 2)):  # a draft step of 1 s: c is now the mean of three steps, 5 s / 3
+        at(t), s.keep_drafting_rows(index, [0.99])
+    at(25.0), s.update(2, 2, [0.99] * 2, cost_ratio=0.05, verify_seconds=10.0)
     assert s.cost_ratio == pytest.approx(5 / 3 / 10)
     assert s.cost == pytest.approx(1.6 + 0.5)  # the round took 5 s, half a verification forward (10 s)
+    at(30.0), s.start_round()
+    at(30.0), s.keep_drafting_rows(1, [0.99])
+    at(40.0), s.update(1, 1, [0.99], cost_ratio=0.05, verify_seconds=30.0)  # a slow verification: the unit moves
+    unit = (10.0 + 10.0 + 30.0) / 3
+    assert s.cost == pytest.approx((16.0 + 5.0 + 10.0) / unit)  # every round re-priced in today's unit
+    assert s.rate == pytest.approx((4 + 3 + 2) / s.cost)
 
 
-def test_bench_times_adaptive_schedules(tmp_path) -> None:
+def test_bench_times_adaptive_schedules(tmp_path, monkeypatch) -> None:
     """`--schedules`: each schedule at each K, side by side; the formula's columns only where K is fixed."""
     from toyllm.bench.speculative import format_table, run_speculative_bench
 
     kw = dict(target="random:gpt2-tiny", cases=["self"], self_layers=1, lookaheads=[2, 4], max_new_tokens=12)
+    import toyllm.bench.speculative as bench
+
+    built: list[float | None] = []  # what each threshold schedule the bench built was told about v(k)
+
+    class Recording(ThresholdSchedule):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self.verify_cost.fixed_slope)
+
+    monkeypatch.setattr(bench, "ThresholdSchedule", Recording)
     schedules = ["constant", "threshold", "threshold-flat"]  # -flat: the paper's v(k) = 1, an ablation
     results = run_speculative_bench(**kw, schedules=schedules, device="cpu", out_dir=tmp_path)
+    assert built == [0.0, 0.0]  # one per -flat run (K = 2, 4); plain `threshold` learns v(k) (built by the decoder)
     rows = {(r["schedule"], r["lookahead"]): r for r in results["rows"]}
     assert sorted(rows) == [(s, k) for s in schedules for k in (2, 4)]
     assert all(r["outputs_match"] is True for r in rows.values())

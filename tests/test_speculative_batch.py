@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import random
 
 import pytest
@@ -209,8 +210,13 @@ def test_threshold_schedule_hears_every_row(target, drafts) -> None:
     """The batch tells the threshold schedule each live row's acceptances and the confidences of the drafts that row
     could use (a row near its end fewer), and the verification's time, from which it learns v(k)."""
     heard: list[tuple[int, list[int], list[list[float]], float | None]] = []
+    asked: list[list[float]] = []
 
     class Listening(ThresholdSchedule):
+        def keep_drafting_rows(self, index, confidences) -> bool:
+            asked.append(list(confidences))
+            return super().keep_drafting_rows(index, confidences)
+
         def update_rows(self, proposed, fewest, accepted, confidences, cost_ratio, verify_seconds=None) -> None:
             heard.append((proposed, list(accepted), [list(row) for row in confidences], verify_seconds))
             super().update_rows(proposed, fewest, accepted, confidences, cost_ratio, verify_seconds)
@@ -231,6 +237,8 @@ def test_threshold_schedule_hears_every_row(target, drafts) -> None:
         assert all(len(row) <= proposed and kept <= len(row) for kept, row in zip(accepted, rows, strict=True))
         assert all(0 < m <= 1 for row in rows for m in row) and seconds is not None and seconds > 0
     assert sum(schedule.verify_cost.count.values()) == dec.stats.rounds
+    # A row with fewer tokens left than the draft's index is heard as NaN: that draft brings it nothing.
+    assert any(math.isnan(m) for question in asked for m in question)
 
 
 def test_batch_text_api_and_a_single_padded_row(target, drafts) -> None:

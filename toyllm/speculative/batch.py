@@ -272,7 +272,8 @@ class BatchSpeculativeDecoder:
         rows = torch.arange(B, device=self.tokens.device)
         self._write_slot(last_slot, self.tokens[rows, self.next_column - 1], self.next_column - self.padding - 1)
 
-        drafts, q, confidences = self._propose(last_slot, k)  # (B, k), (B, k, V)
+        room = [budget[b] - 1 for b in range(B)]  # drafts each row could still emit
+        drafts, q, confidences = self._propose(last_slot, k, room)  # (B, k), (B, k, V)
         k = drafts.shape[1]  # the threshold schedule may have stopped early
         verified = self.stats.verify_seconds
         scores = self._score(last_slot, drafts)  # (B, k + 1, V) processed
@@ -291,7 +292,7 @@ class BatchSpeculativeDecoder:
         self.schedule.update_rows(
             k,
             fewest,
-            [kept[b] for b in rows_live],
+            [min(kept[b], usable[b]) for b in rows_live],  # drafts each row keeps (the rule judged all k)
             [[confidences[j][b] for j in range(usable[b])] for b in rows_live],  # the drafts each row could use
             c if math.isfinite(c) else None,
             s.verify_seconds - verified,
@@ -312,9 +313,10 @@ class BatchSpeculativeDecoder:
                 fewest = min(fewest, kept[b])
         return fewest
 
-    def _propose(self, last_slot: int, k: int) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
+    def _propose(self, last_slot: int, k: int, room: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
         """The draft writes up to k tokens per row after each row's last token; return them (B, k), the distributions
-        they were sampled from (B, k, V; (B, 0, V) at temperature 0) and the draft's confidences [draft][row]."""
+        they were sampled from (B, k, V; (B, 0, V) at temperature 0) and the draft's confidences [draft][row].
+        `room[b]` is how many drafts row b could still emit: beyond it the schedule hears NaN (nothing to gain)."""
         B, device = self.tokens.shape[0], self.tokens.device
         rows = torch.arange(B, device=device)
         live = ~self.finished  # (B,) bool
@@ -334,7 +336,8 @@ class BatchSpeculativeDecoder:
                 if self.schedule.uses_confidence
                 else [math.nan] * B
             )
-            if not self.schedule.keep_drafting_rows(i, [confidence[b] for b in live_rows]) and i > 1:
+            heard = [confidence[b] if i <= room[b] else math.nan for b in live_rows]
+            if not self.schedule.keep_drafting_rows(i, heard) and i > 1:
                 break
             if self.greedy:
                 token = greedy(processed)

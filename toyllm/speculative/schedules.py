@@ -14,6 +14,7 @@ output distribution (or the greedy output).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -24,8 +25,9 @@ class LookaheadSchedule:
     """The interface the decoders use. Subclasses override what they need.
 
     The one-prompt decoder asks `keep_drafting` and calls `update`; the batch decoder, which picks one k for all
-    its rows, asks `keep_drafting_rows` and calls `update_rows` with every live row's numbers. By default those hear
-    the batch's most confident row and the row that kept fewest drafts; `ThresholdSchedule` uses every row.
+    its rows, asks `keep_drafting_rows` and calls `update_rows` with every live row's numbers. By default those
+    reduce to `keep_drafting` with the most confident row and to `update` with the row that kept fewest drafts;
+    `ThresholdSchedule` uses every row.
     """
 
     # Does `keep_drafting` / `update` read the draft's confidence? Computing it costs a softmax over the vocabulary
@@ -132,7 +134,9 @@ class VerifyCost:
     PRIOR = 2.0  # pseudo-observations at v(k - 1), per k
 
     def __init__(self, slope: float | None = None) -> None:
-        self.fixed_slope = slope  # tests fix v(k) = 1 + slope * k, so that K does not depend on wall-clock time
+        # Fixed v(k) = 1 + slope * k: tests (so K does not depend on wall-clock time) and the bench's
+        # `threshold-flat` ablation (slope 0, the paper's model).
+        self.fixed_slope = slope
         self.count: dict[int, int] = {}
         self.seconds: dict[int, float] = {}
         self._curve: list[float] = []  # v(0), v(1), ...: recomputed after each new timing
@@ -188,8 +192,8 @@ class ThresholdSchedule(LookaheadSchedule):
     where a(m) is the probability that a draft token whose top probability is m gets accepted (given that the ones
     before it were). Proposing exactly the tokens that beat the current average rate is what raises the average
     (the marginal-value argument), so the rule maximises expected tokens per unit time, one decision at a time.
-    In a batch (one k for every row) draft i pays each live row's A_i, so the sum over rows is what must beat
-    (c + dv_i) * R, with R counting every row's tokens.
+    In a batch (one k for every row) draft i pays each live row its A_i, so the sum over the live rows is what must
+    beat (c + dv_i) * R * rows, with R the rate per live row (`rate`); a row with no room for draft i brings nothing.
 
     a(m) is learnt online: 10 bins over m in [0, 1], each counting verified drafts and acceptances, starting from a
     prior of 2 pseudo-observations at a(m) = m (a calibrated draft), then made non-decreasing in m. Since a is
@@ -216,7 +220,7 @@ class ThresholdSchedule(LookaheadSchedule):
         self.cost_ratio: float | None = cost_ratio
         self.verify_cost = VerifyCost(verify_slope)  # likewise; verify_slope=0.0 is the paper's model
         self.tokens = 0.0  # tokens emitted so far (every row's)
-        self.cost = 0.0  # their cost, in mean verification forwards
+        self._row_seconds = 0.0  # what they cost: each round's seconds times its live rows (see `rate`)
         centers = [(b + 0.5) / self.BINS for b in range(self.BINS)]
         self.verified = [self.PRIOR] * self.BINS
         self.accepted = [self.PRIOR * c for c in centers]
@@ -237,12 +241,33 @@ class ThresholdSchedule(LookaheadSchedule):
             curve.append(best)
         return curve
 
-    def _break_even(self, index: int) -> float | None:
-        """(c + dv_index) * R: the expected tokens draft `index` must bring; None before c is known."""
+    @property
+    def rate(self) -> float:
+        """R for one row: tokens per live row per mean verification forward so far (1 before any round, as plain
+        decoding makes one token per row per target forward).
+
+        Per row because a batch's rows finish at different times: the rule multiplies it by the rows still live, so
+        a batch down to its last row is not held to the rate all of its rows made together. Rounds are priced in
+        seconds and converted with the current mean verification forward, so early and late rounds share one unit.
+        """
+        return self.tokens / self.cost if self._row_seconds > 0 else 1.0
+
+    @property
+    def cost(self) -> float:
+        """The rounds' cost so far in mean verification forwards, each counted once per live row."""
+        return self._row_seconds / self._unit()
+
+    def _unit(self) -> float:
+        """Seconds per mean verification forward while timings are live; 1 with a fixed c, whose modelled costs
+        are already in that unit (so that nothing depends on the clock)."""
+        unit = self.verify_cost.unit
+        return unit if unit is not None and self.fixed_cost_ratio is None else 1.0
+
+    def _break_even(self, index: int, rows: int = 1) -> float | None:
+        """(c + dv_index) * R for `rows` live rows: the expected tokens draft `index` must bring; None before c."""
         if self.cost_ratio is None:
             return None
-        rate = self.tokens / self.cost if self.cost > 0 else 1.0  # plain decoding makes 1 token per target forward
-        return (self.cost_ratio + self.verify_cost.marginal(index)) * rate
+        return (self.cost_ratio + self.verify_cost.marginal(index)) * self.rate * rows
 
     # -- the decoder's questions -------------------------------------------------------------------------------
 
@@ -254,18 +279,23 @@ class ThresholdSchedule(LookaheadSchedule):
         return self.keep_drafting_rows(index, [confidence])
 
     def keep_drafting_rows(self, index: int, confidences: Sequence[float]) -> bool:
+        """A NaN confidence marks a row that cannot use draft `index` (it has fewer tokens left): it brings nothing."""
         now = time.perf_counter()
         if index > 1:  # since question index - 1: a token written, a draft forward, its logits processed
             self._draft_steps += 1
             self._draft_step_seconds += now - self._last_question
         self._last_question = now
-        if index == 1 or len(self._survival) != len(confidences):
+        if index == 1:
             self._survival = [1.0] * len(confidences)
-        need = self._break_even(index)
+        need = self._break_even(index, len(confidences))
         if need is None:  # c not measured yet: the starting threshold, and few drafts, so v(k) is learnt upward
-            return index == 1 or (index <= self.FIRST_DRAFTS and max(confidences) >= self.threshold)
+            sure = [m for m in confidences if not math.isnan(m)]
+            return index == 1 or (index <= self.FIRST_DRAFTS and bool(sure) and max(sure) >= self.threshold)
         a = self.acceptance_curve()
-        survival = [s * a[self._bin(m)] for s, m in zip(self._survival, confidences, strict=True)]
+        survival = [
+            0.0 if math.isnan(m) else s * a[self._bin(m)]
+            for s, m in zip(self._survival, confidences, strict=True)  # the same rows all round
+        ]
         if index > 1 and sum(survival) < need:
             return False
         self._survival = survival
@@ -284,22 +314,32 @@ class ThresholdSchedule(LookaheadSchedule):
     def update_rows(
         self,
         proposed: int,
-        fewest: int,
+        fewest: int,  # (unused: this schedule hears every row)
         accepted: Sequence[int],
         confidences: Sequence[Sequence[float]],
         cost_ratio: float | None,
         verify_seconds: float | None = None,
     ) -> None:
-        # Per row: drafts 1..kept were accepted; draft kept + 1 (if the row could use it) was rejected; later ones
-        # were never judged.
+        self._learn_acceptance(accepted, confidences)
+        self._learn_costs(proposed, len(accepted), sum(kept + 1 for kept in accepted), cost_ratio, verify_seconds)
+        self._report_threshold()
+
+    def _learn_acceptance(self, accepted: Sequence[int], confidences: Sequence[Sequence[float]]) -> None:
+        """a(m): per row, drafts 1..kept were accepted, draft kept + 1 (if the row could use it) was rejected, and
+        later ones were never judged."""
         for kept, row in zip(accepted, confidences, strict=True):
             for i, m in enumerate(row[: kept + 1]):
                 b = self._bin(m)
                 self.verified[b] += 1
                 self.accepted[b] += 1.0 if i < kept else 0.0
-        # R's cost: the round's measured time (everything: drafts, verification, bookkeeping) once c is known and
-        # timings are live; the model v(k) + c*k in the first round (the prompts' prefills) and when c is fixed.
-        live = self.fixed_cost_ratio is None and self.cost_ratio is not None and verify_seconds is not None
+
+    def _learn_costs(
+        self, proposed: int, rows: int, tokens: int, cost_ratio: float | None, verify_seconds: float | None
+    ) -> None:
+        """v(k), c and R's running totals from a finished round of `rows` live rows that emitted `tokens`."""
+        # Measured round time for R once c is known and timings are live; the model v(k) + c*k for the first round
+        # (it holds the prompts' prefills) and when c is fixed. Decided before this round updates c.
+        measured = self.fixed_cost_ratio is None and self.cost_ratio is not None and verify_seconds is not None
         if verify_seconds is not None and verify_seconds > 0:
             self.verify_cost.add(proposed, verify_seconds)
         unit = self.verify_cost.unit
@@ -310,16 +350,20 @@ class ThresholdSchedule(LookaheadSchedule):
                 self.cost_ratio = self._draft_step_seconds / self._draft_steps / unit
             elif cost_ratio is not None:
                 self.cost_ratio = cost_ratio
-        c = self.cost_ratio if self.cost_ratio is not None else 0.0
-        self.tokens += sum(kept + 1 for kept in accepted)
-        if live and unit is not None:
-            self.cost += (time.perf_counter() - self._round_start) / unit
+        if measured:
+            seconds = time.perf_counter() - self._round_start
         else:
-            self.cost += self.verify_cost.curve(proposed)[proposed] + c * proposed
+            c = self.cost_ratio if self.cost_ratio is not None else 0.0
+            seconds = (self.verify_cost.curve(proposed)[proposed] + c * proposed) * self._unit()
+        self.tokens += tokens
+        self._row_seconds += seconds * rows
+
+    def _report_threshold(self) -> None:
+        """`threshold`, for people and tests: tau_1 = a^-1((c + dv_1) * R), the lower edge of the first bin whose
+        acceptance beats one row's break-even. Only a report: the decisions are made draft by draft above."""
         need = self._break_even(1)
-        if need is not None and accepted:  # report tau_1: the lower edge of the first bin that beats a row's share
-            share = need / len(accepted)
-            self.threshold = next((b / self.BINS for b, a in enumerate(self.acceptance_curve()) if a >= share), 1.0)
+        if need is not None:
+            self.threshold = next((b / self.BINS for b, a in enumerate(self.acceptance_curve()) if a >= need), 1.0)
 
 
 def make_schedule(
