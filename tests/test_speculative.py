@@ -11,6 +11,7 @@ samples (fewer samples only make a failure harder to reach, and keep CI short).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -21,7 +22,7 @@ from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate, generate_text, stream_text
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
-from toyllm.sampling import logits_to_probs, process_logits
+from toyllm.sampling import process_logits
 from toyllm.speculative import (
     HeuristicSchedule,
     SpeculativeDecoder,
@@ -206,15 +207,17 @@ def small_pair() -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
     return tiny(0, **kw), tiny(1, **kw)
 
 
-def exact_next3(model: GPT2LMHeadModel, prompt: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-    """P(x1, x2, x3 | prompt) for all V^3 continuations, (V^3,), with the same logit processing as sampling."""
-    T0 = prompt.shape[1]
-    pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # (V^2, 2): every (x1, x2)
-    seqs = torch.cat([prompt.expand(V * V, -1), pairs], dim=1)  # (V^2, T0 + 2)
+def exact_continuations(model: GPT2LMHeadModel, prompt: torch.Tensor, n: int, config: GenerationConfig) -> torch.Tensor:
+    """P(x_1 .. x_n | prompt) for every n-token continuation, (V^n,) with the first token most significant, by
+    enumeration and with the same logit processing as sampling."""
+    vocab = model.config.vocab_size
+    outs = torch.tensor(list(itertools.product(range(vocab), repeat=n)))  # (V^n, n)
+    seqs = torch.cat([prompt.expand(len(outs), -1), outs], dim=1)  # (V^n, T0 + n)
     with torch.no_grad():
-        logits = model(seqs)  # (V^2, T0 + 2, V), no cache: the plain reference path
-    probs = []
-    for j in range(3):  # position T0 - 1 + j predicts x_{j+1} from the prompt and x_1 .. x_j
+        logits = model(seqs)  # (V^n, T0 + n, V), no cache: the plain reference path
+    T0 = prompt.shape[1]
+    log_p = torch.zeros(len(outs), dtype=torch.float64)
+    for j in range(n):  # position T0 - 1 + j predicts x_{j+1} from the prompt and x_1 .. x_j
         processed = process_logits(
             logits[:, T0 - 1 + j],
             seqs[:, : T0 + j],
@@ -223,9 +226,8 @@ def exact_next3(model: GPT2LMHeadModel, prompt: torch.Tensor, config: Generation
             top_p=config.top_p,
             repetition_penalty=config.repetition_penalty,
         )
-        probs.append(logits_to_probs(processed, config.temperature).view(V, V, V))
-    p1, p2, p3 = probs[0][0, 0], probs[1][:, 0], probs[2]  # (V,), (V, V), (V, V, V)
-    return (p1[:, None, None] * p2[:, :, None] * p3).flatten().double()
+        log_p += torch.log_softmax(processed.double(), dim=-1).gather(1, outs[:, j : j + 1]).squeeze(1)
+    return log_p.exp()
 
 
 def sample_next3(decoder_cls, target, draft, prompt, config, n: int, schedule=None) -> tuple[torch.Tensor, float]:
@@ -307,7 +309,7 @@ def test_distribution_is_exactly_the_targets(small_pair, knobs, schedule) -> Non
     target, draft = small_pair
     config, prompt = dist_config(knobs), torch.tensor([[3]])
     counts, alpha = sample_next3(SpeculativeDecoder, target, draft, prompt, config, N_SAMPLES, schedule)
-    p_value = chi_square_p_value(counts, exact_next3(target, prompt, config))
+    p_value = chi_square_p_value(counts, exact_continuations(target, prompt, 3, config))
     print(f"acceptance {alpha:.3f}, chi-square p-value {p_value:.3g}")
     assert 0.1 < alpha < 0.9  # rejections and acceptances both happen, so the residual path is exercised
     assert p_value > ALPHA
@@ -322,7 +324,7 @@ def test_distribution_is_exact_with_a_restricted_draft(small_pair) -> None:
     restricted.restrict_vocab([0, 2, 3, 5, 6])
     config, prompt = dist_config(PLAIN), torch.tensor([[3]])
     counts, alpha = sample_next3(SpeculativeDecoder, target, restricted, prompt, config, N_SAMPLES)
-    p_value = chi_square_p_value(counts, exact_next3(target, prompt, config))
+    p_value = chi_square_p_value(counts, exact_continuations(target, prompt, 3, config))
     print(f"acceptance {alpha:.3f}, chi-square p-value {p_value:.3g}")
     assert 0.1 < alpha < 0.9
     assert p_value > ALPHA
@@ -338,7 +340,7 @@ def test_the_same_test_catches_broken_variants(small_pair, broken, knobs) -> Non
     target, draft = small_pair
     config, prompt = dist_config(knobs), torch.tensor([[3]])
     counts, _ = sample_next3(broken, target, draft, prompt, config, N_BROKEN)
-    p_value = chi_square_p_value(counts, exact_next3(target, prompt, config))
+    p_value = chi_square_p_value(counts, exact_continuations(target, prompt, 3, config))
     print(f"chi-square p-value of the broken decoder {p_value:.3g}")
     assert p_value < ALPHA
 

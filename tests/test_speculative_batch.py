@@ -8,7 +8,6 @@ with deliberately broken variants that must fail), and a fresh one-row prefill o
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import random
 
@@ -25,7 +24,7 @@ from test_speculative import (
     V,
     chi_square_p_value,
     dist_config,
-    exact_next3,
+    exact_continuations,
     fixed_threshold,
     fresh_cache,
     tiny,
@@ -35,7 +34,6 @@ from toyllm import kernels
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate, generate_text
 from toyllm.gpt2 import GPT2LMHeadModel
-from toyllm.sampling import process_logits
 from toyllm.speculative import (
     BatchSpeculativeDecoder,
     SpeculativeDecoder,
@@ -380,7 +378,7 @@ def test_batch_distribution_is_exactly_the_targets(small_pair, knobs, schedule) 
     assert 0.1 < alpha < 0.9
     for prompt, c in zip(PROMPTS, counts, strict=True):
         assert c.sum() == N_SAMPLES
-        p_value = chi_square_p_value(c, exact_next3(target, prompt, config))
+        p_value = chi_square_p_value(c, exact_continuations(target, prompt, 3, config))
         print(f"prompt {prompt.tolist()}: acceptance {alpha:.3f}, chi-square p-value {p_value:.3g}")
         assert p_value > ALPHA
 
@@ -393,29 +391,11 @@ def test_the_batch_test_catches_broken_variants(small_pair, broken, knobs) -> No
     target, draft = small_pair
     config = dist_config(knobs)
     counts, _ = sample_rows(broken, target, draft, config, N_BROKEN)
-    p_values = [chi_square_p_value(c, exact_next3(target, p, config)) for p, c in zip(PROMPTS, counts, strict=True)]
+    p_values = [
+        chi_square_p_value(c, exact_continuations(target, p, 3, config)) for p, c in zip(PROMPTS, counts, strict=True)
+    ]
     print(f"chi-square p-values of the broken decoder {p_values}")
     assert min(p_values) < ALPHA
-
-
-def exact_continuations(model: GPT2LMHeadModel, prompt: torch.Tensor, n: int, config: GenerationConfig) -> torch.Tensor:
-    """P(x_1 .. x_n | prompt) for every continuation of n tokens over a vocabulary of V_SMALL, (V_SMALL^n,)."""
-    outs = torch.tensor(list(itertools.product(range(V_SMALL), repeat=n)))  # (V^n, n), first token most significant
-    seqs = torch.cat([prompt.expand(len(outs), -1), outs], dim=1)
-    with torch.no_grad():
-        logits = model(seqs)  # no cache: the plain reference path
-    T0 = prompt.shape[1]
-    log_p = torch.zeros(len(outs), dtype=torch.float64)
-    for j in range(n):
-        processed = process_logits(
-            logits[:, T0 - 1 + j],
-            seqs[:, : T0 + j],
-            temperature=config.temperature,
-            top_k=config.top_k,
-            repetition_penalty=config.repetition_penalty,
-        )
-        log_p += torch.log_softmax(processed.double(), dim=-1).gather(1, outs[:, j : j + 1]).squeeze(1)
-    return log_p.exp()
 
 
 V_SMALL = 4
