@@ -278,7 +278,7 @@ class BatchSpeculativeDecoder:
         verified = self.stats.verify_seconds
         scores = self._score(last_slot, drafts)  # (B, k + 1, V) processed
         # Drafts row b could emit at all (k follows the row with the most room; finished rows are skipped anyway).
-        usable = [min(k, budget[b] - 1) for b in range(B)]
+        usable = [min(k, r) for r in room]
         kept = self._accept(drafts, q, scores, live, usable)  # per row: drafts the acceptance rule kept
         self._roll_back(last_slot, k, kept)
 
@@ -288,12 +288,12 @@ class BatchSpeculativeDecoder:
         s.lookaheads.append(k)
         s.accepted_per_round.append(fewest)
         c = s.cost_ratio
-        rows_live = [b for b in range(B) if live[b]]
+        live_rows = [b for b in range(B) if live[b]]
         self.schedule.update_rows(
             k,
             fewest,
-            [min(kept[b], usable[b]) for b in rows_live],  # drafts each row keeps (the rule judged all k)
-            [[confidences[j][b] for j in range(usable[b])] for b in rows_live],  # the drafts each row could use
+            [min(kept[b], usable[b]) for b in live_rows],  # drafts each row keeps (the rule judged all k)
+            [[confidences[j][b] for j in range(usable[b])] for b in live_rows],  # the drafts each row could use
             c if math.isfinite(c) else None,
             s.verify_seconds - verified,
         )

@@ -160,7 +160,8 @@ class VerifyCost:
         if not self.count:
             return [1.0] * (up_to + 1)
         if len(self._curve) <= up_to:
-            unit = sum(self.seconds.values()) / sum(self.count.values())
+            unit = self.unit
+            assert unit is not None  # something was timed
             smallest = min(self.count)
             previous = self.seconds[smallest] / self.count[smallest]  # below the smallest k timed: flat
             curve = []
