@@ -284,7 +284,7 @@ class NoResidualDecoder(SpeculativeDecoder):
 
     @staticmethod
     def _verify(drafts, q, p, generator=None):  # type: ignore[override]
-        u = torch.rand(drafts.shape[0], generator=generator)
+        u = torch.rand(drafts.shape[0], generator=generator, device=p.device)
         for i, x in enumerate(drafts.tolist()):
             if not u[i] * q[i, x] < p[i, x]:
                 return i, draw(p[i], generator)
