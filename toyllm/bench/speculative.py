@@ -285,7 +285,7 @@ def run_speculative_bench(
 
     # Warm-up, untimed: every model and every K once, on the first prompt and a few tokens. First calls pay for
     # allocations and, on a GPU, for library handles and kernel choices per shape. (An H100 run without it timed
-    # the same target's plain decoding 23% slower in its first case than in its second; first-use costs are the
+    # the same target's plain decoding 24% slower in its first case than in its second; first-use costs are the
     # likely cause, not a proven one.)
     with torch.inference_mode():
         short = dataclasses.replace(config(), max_new_tokens=min(max_new_tokens, 16))
