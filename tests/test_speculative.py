@@ -689,6 +689,25 @@ def test_bench_times_adaptive_schedules(tmp_path, monkeypatch) -> None:
         run_speculative_bench(**kw, schedules=["fastest"], device="cpu")
 
 
+def test_bench_flags_baselines_that_moved(monkeypatch) -> None:
+    """Each case times the same target's plain decoding again; when those baselines disagree by more than 10%, the
+    bench says so (an H100 run once had a 24% gap that made one case's speedups look that much better)."""
+    import toyllm.bench.speculative as bench
+
+    def plain(*steps: float) -> dict:
+        return {f"case{i}": {"target": {"step_seconds": step}} for i, step in enumerate(steps)}
+
+    assert bench.baseline_spread(plain(2.0, 1.6, 1.0)) == pytest.approx(2.0)
+    assert bench.baseline_spread(plain(1.0)) == 1.0
+    kw = dict(target="random:gpt2-tiny", cases=["same"], lookaheads=[2], max_new_tokens=6, device="cpu")
+    for spread, warned in [(1.05, False), (1.24, True)]:
+        messages: list[str] = []
+        monkeypatch.setattr(bench, "baseline_spread", lambda runs, spread=spread: spread)
+        results = bench.run_speculative_bench(**kw, progress=messages.append)
+        assert results["plain_spread"] == spread
+        assert any(m.startswith("warning: plain decoding") for m in messages) is warned
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 
 

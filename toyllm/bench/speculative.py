@@ -361,14 +361,33 @@ def run_speculative_bench(
             "draft_vocab_data": str(draft_vocab_data) if draft_vocab_data is not None else None,
         },
         "plain": plain_runs,
+        # The same target decoded plainly in every case: how far apart its baselines were (1.0: one case).
+        "plain_spread": baseline_spread(plain_runs),
         "rows": rows,
     }
+    if results["plain_spread"] > SPREAD_WARNING:
+        say(
+            f"warning: plain decoding of the target took {results['plain_spread']:.2f}x as long per token in one case"
+            " as in another; each case's speedups are measured against its own baseline, so compare cases with care"
+            " (or rerun)"
+        )
     if out_dir is not None:
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "speculative.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         plot_speedup(results, folder / "speculative_speedup.png")
     return results
+
+
+SPREAD_WARNING = 1.10  # plain baselines of one target further apart than this across cases get a warning
+
+
+def baseline_spread(plain_runs: dict[str, dict[str, dict[str, float]]]) -> float:
+    """Slowest over fastest plain decode step of the target across cases: the same target, prompts and settings each
+    time, so anything above 1 is the machine moving. (An H100 run once timed the first case's baseline 24% slower
+    than the second's, which made the first case's speedups look 24% better.)"""
+    steps = [runs["target"]["step_seconds"] for runs in plain_runs.values()]
+    return max(steps) / min(steps) if steps else 1.0
 
 
 def _read_prompt_file(path: str | Path) -> str:
