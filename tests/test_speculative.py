@@ -691,7 +691,7 @@ def test_bench_times_adaptive_schedules(tmp_path, monkeypatch) -> None:
 
 def test_bench_flags_baselines_that_moved(monkeypatch) -> None:
     """Each case times the same target's plain decoding again; when those baselines disagree by more than 10%, the
-    bench says so (an H100 run once had a 24% gap that made one case's speedups look that much better)."""
+    bench says so (an H100 run once had a 24% gap between two cases)."""
     import toyllm.bench.speculative as bench
 
     def plain(*steps: float) -> dict:
@@ -699,7 +699,11 @@ def test_bench_flags_baselines_that_moved(monkeypatch) -> None:
 
     assert bench.baseline_spread(plain(2.0, 1.6, 1.0)) == pytest.approx(2.0)
     assert bench.baseline_spread(plain(1.0)) == 1.0
-    kw = dict(target="random:gpt2-tiny", cases=["same"], lookaheads=[2], max_new_tokens=6, device="cpu")
+    kw = dict(target="random:gpt2-tiny", lookaheads=[2], max_new_tokens=6, device="cpu")
+    results = bench.run_speculative_bench(**kw, cases=["same", "self"], self_layers=1)  # the real spread, two cases
+    steps = [runs["target"]["step_seconds"] for runs in results["plain"].values()]
+    assert len(steps) == 2 and results["plain_spread"] == pytest.approx(max(steps) / min(steps))
+    kw["cases"] = ["same"]
     for spread, warned in [(1.05, False), (1.24, True)]:
         messages: list[str] = []
         monkeypatch.setattr(bench, "baseline_spread", lambda runs, spread=spread: spread)

@@ -285,8 +285,8 @@ def run_speculative_bench(
 
     # Warm-up, untimed: every model and every K once, on the first prompt and a few tokens. First calls pay for
     # allocations and, on a GPU, for library handles and kernel choices per shape. (An H100 run without it timed
-    # the same target's plain decoding 24% slower in its first case than in its second; first-use costs are the
-    # likely cause, not a proven one.)
+    # the same target's plain decoding 24% slower in its first case than in its second; first-use costs are one
+    # candidate cause, not a proven one.)
     with torch.inference_mode():
         short = dataclasses.replace(config(), max_new_tokens=min(max_new_tokens, 16))
         for model in drafts.values():
@@ -385,7 +385,7 @@ SPREAD_WARNING = 1.10  # plain baselines of one target further apart than this a
 def baseline_spread(plain_runs: dict[str, dict[str, dict[str, float]]]) -> float:
     """Slowest over fastest plain decode step of the target across cases: the same target, prompts and settings each
     time, so anything above 1 is the machine moving. (An H100 run once timed the first case's baseline 24% slower
-    than the second's, which made the first case's speedups look 24% better.)"""
+    than the second's, which may have made the first case's speedups look up to 24% better.)"""
     steps = [runs["target"]["step_seconds"] for runs in plain_runs.values()]
     return max(steps) / min(steps) if steps else 1.0
 
