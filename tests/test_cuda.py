@@ -33,7 +33,6 @@ from test_speculative import (
     PLAIN,
     NoResidualDecoder,
     RawQDecoder,
-    V,
     chi_square_p_value,
     dist_config,
     exact_continuations,
@@ -43,15 +42,14 @@ from test_speculative import (
     tiny,
 )
 from test_speculative_batch import left_padded
-from train_helpers import tiny_config
+from train_helpers import full_and_resumed, tiny_config
 
 from toyllm.generation import GenerationConfig, GenerationStats, generate, prefill
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
 from toyllm.sampling import process_logits, sample
 from toyllm.speculative import SpeculativeDecoder
-from toyllm.train import Trainer, train
-from toyllm.train.checkpoint import latest_checkpoint
+from toyllm.train import Trainer
 from toyllm.train.data import META_FILE, TOKEN_DTYPE, TRAIN_FILE, VAL_FILE, token_files_meta
 
 DEVICE = os.environ.get("TOYLLM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
@@ -95,7 +93,7 @@ WIDE = dict(n_layer=2, n_head=2, n_embd=128, n_positions=128, vocab_size=512)  #
 def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
     """A random transformers GPT-2, saved with save_pretrained and loaded by toyllm onto DEVICE: the same logits
     (whole window, a left-padded batch, the loss) and the same greedy tokens through toyllm's KV cache."""
-    from test_model_parity import CONFIG_IDS, TINY_CONFIGS, hf_model
+    from test_model_parity import CONFIG_IDS, TINY_CONFIGS, hf_greedy, hf_model
 
     kwargs = WIDE if name == "wide-hs64" else TINY_CONFIGS[CONFIG_IDS.index(name)]
     torch.manual_seed(0)
@@ -118,14 +116,7 @@ def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
         ours_loss, theirs_loss = ours(ids, labels=ids).loss, theirs(ids, labels=ids).loss
         assert abs(float(ours_loss) - float(theirs_loss)) < 1e-4
         prompt = ids[:1, :5]
-        expected = theirs.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=8,
-            min_new_tokens=8,
-            do_sample=False,
-            pad_token_id=theirs.config.eos_token_id,
-        )
+        expected = hf_greedy(theirs, prompt, 8)
     assert torch.equal(generate(ours, prompt, greedy_config(max_new_tokens=8)), expected)
 
 
@@ -343,13 +334,6 @@ def test_batched_speculative_greedy_equals_plain_batched_greedy(spec_models, kin
 # -- 6. speculative sampling: the output distribution is the target's, exactly ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_pair() -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
-    """test_speculative's 8-token pair, on the CPU: the enumeration reference is computed there."""
-    kw = dict(vocab=V, n_layer=1, n_positions=16, std=0.5)
-    return tiny(0, **kw), tiny(1, **kw)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "knobs, schedule",
@@ -485,17 +469,7 @@ def test_checkpoint_resume_continues_the_run(many_windows, tmp_path) -> None:
     """Interrupted after the step-2 checkpoint and resumed on DEVICE == uninterrupted: the model, optimizer, data
     position and (CUDA) RNG state all came back. Dropout makes the RNG matter."""
     options = dict(device=DEVICE, max_steps=5, eval_interval=2, dropout=0.1, grad_accum=2)
-    full = train(tiny_config(many_windows, tmp_path / "full", **options))
-
-    def interrupt(trainer: Trainer, record: dict) -> None:
-        if record["step"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_config(many_windows, tmp_path / "cut", **options), callbacks=[interrupt]).fit()
-    cut = latest_checkpoint(tmp_path / "cut")
-    assert cut is not None and cut.name == "step-00000002"
-    resumed = train(tiny_config(many_windows, tmp_path / "cut", resume=True, **options))
+    full, resumed = full_and_resumed(many_windows, tmp_path, **options)
     assert len(resumed.losses) == 3
     assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5)
     assert resumed.val_loss == pytest.approx(full.val_loss, rel=1e-5)

@@ -82,6 +82,18 @@ def test_our_checkpoint_loads_in_transformers(tmp_path: Path, kwargs: dict[str, 
         torch.testing.assert_close(theirs.eval()(ids).logits, ours(ids), atol=ATOL, rtol=0)
 
 
+def hf_greedy(theirs: Any, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers' own greedy `generate`, exactly `new_tokens` long: the reference for our decoding loops."""
+    return theirs.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=theirs.config.eos_token_id,
+    )
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT2LMHeadModel, Any]:
     torch.manual_seed(2)
@@ -101,14 +113,7 @@ def test_greedy_tokens_match_generate(pair: tuple[GPT2LMHeadModel, Any]) -> None
             next_token = logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(next_token))
             logits = ours(next_token, cache=cache)
-        expected = theirs.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=8,
-            min_new_tokens=8,
-            do_sample=False,
-            pad_token_id=theirs.config.eos_token_id,
-        )
+        expected = hf_greedy(theirs, prompt, 8)
     assert tokens == expected[0, 5:].tolist()
 
 

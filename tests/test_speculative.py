@@ -201,12 +201,6 @@ def test_residual_exactness_one_position() -> None:
 V = 8  # small vocabulary: all 8^3 = 512 continuations can be enumerated
 
 
-@pytest.fixture(scope="module")
-def small_pair() -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
-    kw = dict(vocab=V, n_layer=1, n_positions=16, std=0.5)
-    return tiny(0, **kw), tiny(1, **kw)
-
-
 def exact_continuations(model: GPT2LMHeadModel, prompt: torch.Tensor, n: int, config: GenerationConfig) -> torch.Tensor:
     """P(x_1 .. x_n | prompt) for every n-token continuation, (V^n,) with the first token most significant, by
     enumeration and with the same logit processing as sampling."""

@@ -359,12 +359,6 @@ class RawQBatchDecoder(BatchSpeculativeDecoder):
         return token, torch.softmax(logits.float(), dim=-1)
 
 
-@pytest.fixture(scope="module")
-def small_pair() -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
-    kw = dict(vocab=V, n_layer=1, n_positions=16, std=0.5)
-    return tiny(0, **kw), tiny(1, **kw)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "knobs, schedule",

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 from torch import nn
-from train_helpers import prepared_shakespeare, tiny_config
+from train_helpers import full_and_resumed, prepared_shakespeare, tiny_config
 
 from toyllm.generation import GenerationConfig, generate_text
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -62,17 +62,7 @@ def test_loss_decreases_on_shakespeare(data, tmp_path):
 def test_resume_continues_bitwise(data, tmp_path):
     """Interrupted at step 3 (after the step-2 checkpoint) and resumed == uninterrupted, bit for bit (on CPU)."""
     options = dict(max_steps=5, eval_interval=2, dropout=0.1, grad_accum=2)  # dropout: the RNG state must resume too
-    full = train(tiny_config(data, tmp_path / "full", **options))
-
-    def interrupt(trainer: Trainer, record: dict) -> None:
-        if record["step"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_config(data, tmp_path / "cut", **options), callbacks=[interrupt]).fit()
-    cut = latest_checkpoint(tmp_path / "cut")
-    assert cut is not None and cut.name == "step-00000002"
-    resumed = train(tiny_config(data, tmp_path / "cut", resume=True, **options))
+    full, resumed = full_and_resumed(data, tmp_path, **options)
     assert resumed.losses == full.losses[2:]  # exact equality, not allclose
     assert resumed.val_loss == full.val_loss
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]

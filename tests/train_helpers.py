@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from toyllm.train import TrainConfig, prepare
+from toyllm.train import TrainConfig, Trainer, TrainResult, prepare, train
+from toyllm.train.checkpoint import latest_checkpoint
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -44,3 +45,19 @@ def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
     )
     fields.update(overrides)
     return TrainConfig(**fields)
+
+
+def full_and_resumed(data: Path, root: Path, **options: Any) -> tuple[TrainResult, TrainResult]:
+    """The same run twice: uninterrupted in root/full, and in root/cut stopped at step 3 (just after the step-2
+    checkpoint) and then resumed. Needs max_steps > 3 and eval_interval=2, so that step 2 is where it resumes."""
+    full = train(tiny_config(data, root / "full", **options))
+
+    def interrupt(trainer: Trainer, record: dict) -> None:
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config(data, root / "cut", **options), callbacks=[interrupt]).fit()
+    cut = latest_checkpoint(root / "cut")
+    assert cut is not None and cut.name == "step-00000002"
+    return full, train(tiny_config(data, root / "cut", resume=True, **options))
