@@ -22,7 +22,6 @@ so every speculative output is also checked token for token against plain decodi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -270,10 +269,10 @@ def run_speculative_bench(
         shape = (batch, prompt_tokens)
         prompt_ids = [torch.randint(0, V, shape, generator=generator).to(dev) for _ in range(prompts)]
 
-    def config(lookahead: int = 4, schedule: str = "constant") -> GenerationConfig:
-        """Plain sampling without top-k, EOS ignored, so that every run makes exactly max_new_tokens."""
+    def config(lookahead: int = 4, schedule: str = "constant", new_tokens: int = max_new_tokens) -> GenerationConfig:
+        """Plain sampling without top-k, EOS ignored, so that every run makes exactly `new_tokens`."""
         return GenerationConfig(
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=new_tokens,
             temperature=temperature,
             top_k=0,
             seed=seed,
@@ -287,17 +286,15 @@ def run_speculative_bench(
     # allocations and, on a GPU, for library handles and kernel choices per shape. (An H100 run without it timed
     # the same target's plain decoding 24% slower in its first case than in its second; first-use costs are one
     # candidate cause, not a proven one.)
+    warm = min(max_new_tokens, 16)
     with torch.inference_mode():
-        short = dataclasses.replace(config(), max_new_tokens=min(max_new_tokens, 16))
+        for model in {id(m): m for m in (target_model, *drafts.values())}.values():  # each model once
+            _timed_plain(model, prompt_ids[0], config(new_tokens=warm))
         for model in drafts.values():
-            _timed_plain(target_model, prompt_ids[0], short)
-            _timed_plain(model, prompt_ids[0], short)
             for schedule in schedules:
                 for K in lookaheads:
-                    warm = dataclasses.replace(
-                        config(K, schedule.removesuffix("-flat")), max_new_tokens=short.max_new_tokens
-                    )
-                    _timed_speculative(target_model, model, prompt_ids[0], warm)
+                    settings = config(K, schedule.removesuffix("-flat"), warm)
+                    _timed_speculative(target_model, model, prompt_ids[0], settings)
     rows, plain_runs = [], {}
     P = len(prompt_ids)
     for case, model in drafts.items():
