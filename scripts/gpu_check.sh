@@ -61,10 +61,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step tests 480 "python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider"
 fi
 
-# Speculative decoding (issue 3): random gpt2-medium / gpt2 shapes, then a trained pair made here from scratch.
-step spec_random 150 "toyllm bench speculative --target $MED --draft $SMALL --cases draft,same,self --lookaheads 2,4,8 \
-  --device $DEVICE -n $(pick 8 64) --prompts 2 --repeats $REP --out $W/spec_random"
-
+# Speculative decoding (issue 3): first a trained pair made here from scratch, timed twice with its cases in opposite
+# orders (the eighth session's one run had a 24% gap between the two cases' baselines of the same target), then
+# random gpt2-medium / gpt2 shapes.
 D=$W/runs
 PAIR=1  # 0 once a step of the trained pair failed: the later ones would use a half-made model
 step train_target 120 "toyllm train --data .gpu/data-shakespeare --out $D/target --model random:gpt2 --n-layer 6 --n-head 6 \
@@ -85,7 +84,13 @@ step train_draft 90 "toyllm train --data .gpu/data-shakespeare --out $D/draft --
   --cases draft,self --self-layers 2 --draft-vocab 1024 --draft-vocab-data $D/distill --prompt-file .gpu/tinyshakespeare.txt \
   --prompts 4 --repeats $REP -n $(pick 8 96) --lookaheads 2,4,8 --schedules constant,threshold --device $DEVICE \
   --out $W/spec_trained"
+[ "$PAIR" = 1 ] && step spec_trained_reversed 120 "toyllm bench speculative --target $D/target/best \
+  --draft $D/draft-distilled/best --cases self,draft --self-layers 2 --draft-vocab 1024 --draft-vocab-data $D/distill \
+  --prompt-file .gpu/tinyshakespeare.txt --prompts 4 --repeats $REP -n $(pick 8 96) --lookaheads 2,4,8 \
+  --device $DEVICE --out $W/spec_trained_reversed"
 [ "$PAIR" = 1 ] || echo "trained pair: a step failed, later ones skipped" >> "$W/steps.txt"
+step spec_random 150 "toyllm bench speculative --target $MED --draft $SMALL --cases draft,same,self --lookaheads 2,4,8 \
+  --device $DEVICE -n $(pick 8 64) --prompts 2 --repeats $REP --out $W/spec_random"
 
 # The decode suite against transformers (issue 2's GPU row): 124M, then 1.5B where HBM bandwidth decides.
 step suite_124m 150 "toyllm bench --model $SMALL --modes kv,hf,bf16,kv+compile --device $DEVICE \

@@ -694,7 +694,8 @@ def test_bench_flags_baselines_that_moved(monkeypatch) -> None:
     assert bench.baseline_spread(plain(2.0, 1.6, 1.0)) == pytest.approx(2.0)
     assert bench.baseline_spread(plain(1.0)) == 1.0
     kw = dict(target="random:gpt2-tiny", lookaheads=[2], max_new_tokens=6, device="cpu")
-    results = bench.run_speculative_bench(**kw, cases=["same", "self"], self_layers=1)  # the real spread, two cases
+    results = bench.run_speculative_bench(**kw, cases=["self", "same"], self_layers=1)  # the real spread, two cases
+    assert results["settings"]["cases"] == ["self", "same"] == [r["case"] for r in results["rows"]]  # order kept
     steps = [runs["target"]["step_seconds"] for runs in results["plain"].values()]
     assert len(steps) == 2 and results["plain_spread"] == pytest.approx(max(steps) / min(steps))
     kw["cases"] = ["same"]

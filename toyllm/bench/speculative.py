@@ -227,17 +227,19 @@ def run_speculative_bench(
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     torch.manual_seed(seed)
     target_model = GPT2LMHeadModel.from_pretrained(target, device=dev, dtype=dt)
+    # Cases run in the order given, so a rerun in the reverse order can show whether a case's place in the run (the
+    # first one timed, say) moves its baseline.
     drafts: dict[str, GPT2LMHeadModel] = {}
     names: dict[str, str] = {}
-    if "draft" in cases:
-        drafts["draft"] = GPT2LMHeadModel.from_pretrained(draft, device=dev, dtype=dt)
-        check_draft(target_model, drafts["draft"])
-        names["draft"] = draft
-    if "same" in cases:
-        drafts["same"], names["same"] = target_model, target
-    if "self" in cases:
-        n = self_layers if self_layers is not None else max(1, target_model.config.n_layer // 4)
-        drafts["self"], names["self"] = target_model.first_layers(n), f"{target} first {n} layers"
+    for case in dict.fromkeys(cases):
+        if case == "draft":
+            drafts[case], names[case] = GPT2LMHeadModel.from_pretrained(draft, device=dev, dtype=dt), draft
+            check_draft(target_model, drafts[case])
+        elif case == "same":
+            drafts[case], names[case] = target_model, target
+        else:  # self
+            n = self_layers if self_layers is not None else max(1, target_model.config.n_layer // 4)
+            drafts[case], names[case] = target_model.first_layers(n), f"{target} first {n} layers"
 
     window = min(m.config.n_positions for m in (target_model, *drafts.values()))
     if batch > 1 and prompt_tokens + max_new_tokens > window:
@@ -269,10 +271,10 @@ def run_speculative_bench(
         shape = (batch, prompt_tokens)
         prompt_ids = [torch.randint(0, V, shape, generator=generator).to(dev) for _ in range(prompts)]
 
-    def config(lookahead: int = 4, schedule: str = "constant", new_tokens: int = max_new_tokens) -> GenerationConfig:
+    def config(lookahead: int = 4, schedule: str = "constant") -> GenerationConfig:
         """Plain sampling without top-k, EOS ignored, so that every run makes exactly `new_tokens`."""
         return GenerationConfig(
-            max_new_tokens=new_tokens,
+            max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=0,
             seed=seed,
@@ -282,18 +284,19 @@ def run_speculative_bench(
             lookahead_schedule=schedule,
         )
 
-    # Warm-up, untimed: every model and every K once, on the first prompt and a few tokens. First calls pay for
-    # allocations and, on a GPU, for library handles and kernel choices per shape. (An H100 run without it timed
+    # Warm-up, untimed: every model and every K once, on the first prompt and the full length. First calls pay for
+    # allocations and, on a GPU, for library handles and kernel choices per shape. At the full length, a constant
+    # K's timed runs meet no verification width or cache length that the warm-up has not (a 16-token warm-up left
+    # K = 16's 17-row forward and the longer caches to the first timed run). An H100 run without any warm-up timed
     # the same target's plain decoding 24% slower in its first case than in its second; first-use costs are one
-    # candidate cause, not a proven one.)
-    warm = min(max_new_tokens, 16)
+    # candidate cause, not a proven one.
     with torch.inference_mode():
         for model in {id(m): m for m in (target_model, *drafts.values())}.values():  # each model once
-            _timed_plain(model, prompt_ids[0], config(new_tokens=warm))
+            _timed_plain(model, prompt_ids[0], config())
         for model in drafts.values():
             for schedule in schedules:
                 for K in lookaheads:
-                    settings = config(K, schedule.removesuffix("-flat"), warm)
+                    settings = config(K, schedule.removesuffix("-flat"))
                     _timed_speculative(target_model, model, prompt_ids[0], settings)
     rows, plain_runs = [], {}
     P = len(prompt_ids)

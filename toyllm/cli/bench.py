@@ -457,7 +457,9 @@ def kernel(
 def speculative(
     target: Annotated[str, typer.Option("--target", help="The model whose output is produced.")] = "random:gpt2-medium",
     draft: Annotated[str, typer.Option("--draft", help="The draft model of the `draft` case.")] = "random:gpt2",
-    cases: Annotated[str, typer.Option("--cases", help="Comma-separated: draft, same, self.")] = "draft,same,self",
+    cases: Annotated[
+        str, typer.Option("--cases", help="Comma-separated: draft, same, self; timed in this order.")
+    ] = "draft,same,self",
     lookaheads: Annotated[str, typer.Option("--lookaheads", help="Comma-separated lookahead values K.")] = "2,4,8",
     schedules: Annotated[
         str,
