@@ -147,8 +147,12 @@ BAD_OPTIONS = [
     (["--top-k", "-1"], "top_k"),
     (["--repetition-penalty", "0"], "repetition_penalty"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--seed", str(2**64)], "seed must be in"),
     (["--chunk-size", "0"], "chunk_size"),
-    (["--lookahead-schedule", "sometimes"], "lookahead_schedule"),
+    (["--draft-layers", "1", "--lookahead-schedule", "sometimes"], "lookahead_schedule"),
+    (["--lookahead", "7"], "need a draft"),  # it would be ignored
+    (["--lookahead-schedule", "heuristic"], "need a draft"),
+    (["--draft-layers", "1", "--no-kv-cache"], "drop --no-kv-cache"),
     (["--dtype", "float8"], "dtype"),
     (["--draft", "random:gpt2-tiny", "--draft-layers", "1"], "not both"),
 ]

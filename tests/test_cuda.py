@@ -32,6 +32,7 @@ from test_speculative import (
     N_SAMPLES,
     PLAIN,
     NoResidualDecoder,
+    NoTemperatureDecoder,
     RawQDecoder,
     chi_square_p_value,
     dist_config,
@@ -338,7 +339,7 @@ def test_batched_speculative_greedy_equals_plain_batched_greedy(spec_models, kin
 @pytest.mark.parametrize(
     "knobs, schedule",
     [(PLAIN, fixed_threshold), (FILTERED, None)],
-    ids=["temperature1-threshold-schedule", "topk-topp-penalty"],
+    ids=["temperature1-threshold-schedule", "temperature0.7-topk-topp-penalty"],
 )
 def test_speculative_distribution_is_exactly_the_targets(small_pair, knobs, schedule) -> None:
     """Sampled on DEVICE (CUDA generators, kernels); the exact joint distribution of the next 3 tokens enumerated
@@ -355,10 +356,14 @@ def test_speculative_distribution_is_exactly_the_targets(small_pair, knobs, sche
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("broken", [RawQDecoder, NoResidualDecoder], ids=["q-from-raw-logits", "no-residual"])
+@pytest.mark.parametrize(
+    "broken",
+    [RawQDecoder, NoResidualDecoder, NoTemperatureDecoder],
+    ids=["q-from-raw-logits", "no-residual", "temperature-dropped"],
+)
 def test_the_same_test_catches_a_broken_decoder(small_pair, broken: type[SpeculativeDecoder]) -> None:
     """Power: test_speculative's broken decoders (q from the unprocessed logits; p instead of the residual after a
-    rejection) fail the same test on DEVICE."""
+    rejection; the temperature dropped) fail the same test on DEVICE."""
     target, draft = small_pair
     config, prompt = dist_config(FILTERED), torch.tensor([[3]])
     counts, _ = sample_next3(broken, on_device(target), on_device(draft), prompt.to(DEVICE), config, N_DIST_BROKEN)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from kernel_helpers import KernelCalls, needs_kernel
 from safetensors.torch import load_file
 from train_helpers import prepared_shakespeare
 
@@ -99,11 +100,11 @@ def test_restricted_model_saves_the_full_checkpoint(tmp_path) -> None:
     assert reloaded.head_subset is None
 
 
+@needs_kernel
 def test_restricted_head_goes_through_the_cpu_kernel() -> None:
     from toyllm import kernels
 
-    if kernels.load() is None:
-        pytest.skip(f"CPU kernel unavailable: {kernels.unavailable_reason()}")
+    assert kernels.load() is not None, kernels.unavailable_reason()
     model = tiny()
     model.restrict_vocab(range(0, 64, 3))
     ids = torch.randint(0, 64, (1, 5))
@@ -111,7 +112,9 @@ def test_restricted_head_goes_through_the_cpu_kernel() -> None:
         expected = model(ids)
         kernels.use_cpu_kernels(model)
         assert type(model.head_subset).__name__ == "GemvLinear"
-        got = model(ids[:, :1])  # one row: the kernel's path
+        with KernelCalls() as calls:
+            got = model(ids[:, :1])  # one row: the kernel's path
+    assert calls.rows == [1] * (4 * model.config.n_layer + 1)  # the blocks' Linears, then the 22-token head
     torch.testing.assert_close(got[0, 0], expected[0, 0], rtol=1e-5, atol=1e-5)
 
 
@@ -129,6 +132,7 @@ def test_frequent_tokens_counts_and_breaks_ties_by_id() -> None:
 def test_draft_vocabulary_sources(tmp_path) -> None:
     assert draft_vocabulary(5, 100).tolist() == [0, 1, 2, 3, 4]
     assert draft_vocabulary(3, 100, always=(99,)).tolist() == [0, 1, 2, 99]
+    assert draft_vocabulary(3, 100, always=(None,)).tolist() == [0, 1, 2]  # a config without an EOS id
     data = prepared_shakespeare(tmp_path, chars=20_000)
     train = np.memmap(data / "train.bin", dtype=np.uint16, mode="r")
     ids = draft_vocabulary(100, 50257, data)
@@ -148,6 +152,17 @@ def test_generate_with_a_restricted_draft_prints_the_plain_greedy_text(capsys) -
     spec = run(capsys, "generate", "Once upon a time", *TINY, "--draft-layers", "1", "--draft-vocab", "2000")
     assert plain[0] == 0 and spec[0] == 0, spec[2]
     assert spec[1] == plain[1] and "acceptance" in spec[2]
+
+
+def test_restricted_draft_keeps_the_eos_that_generation_stops_on() -> None:
+    """The end of text generation stops on (the tokenizer's) is kept, even where the model's config has none."""
+    from toyllm.cli.common import load_draft
+    from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=8, n_layer=2, n_head=2, eos_token_id=None))
+    for eos, kept in [(None, [0, 1, 2]), (50, [0, 1, 2, 50])]:
+        draft = load_draft(model, None, 1, torch.device("cpu"), None, draft_vocab=3, eos_token_id=eos)
+        assert draft is not None and draft.head_vocab is not None and draft.head_vocab.tolist() == kept
 
 
 def test_generate_draft_vocab_errors(capsys, tmp_path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import KernelCalls, needs_kernel
 
 from toyllm import kernels
 from toyllm.bench.modes import build_modes
@@ -21,10 +22,7 @@ from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
 from toyllm.quantize import Int8Linear, quantize_int8, quantize_weight
 
-# Skipped only where the kernel is not meant to exist; on a supported machine a failed build fails the tests.
-pytestmark = pytest.mark.skipif(
-    kernels._why_not_supported() is not None, reason=f"no CPU kernel here: {kernels._why_not_supported()}"
-)
+pytestmark = needs_kernel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,11 +103,17 @@ def test_use_cpu_kernels_keeps_weights_ties_and_outputs(model: GPT2LMHeadModel) 
     assert fast.lm_head.weight is fast.transformer.wte.weight  # still one tied matrix
     assert fast.state_dict().keys() == model.state_dict().keys()
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    products = 4 * model.config.n_layer + 1  # four Linears per block, and the head
     with torch.no_grad():
-        torch.testing.assert_close(fast(ids), model(ids))  # 12 rows: the kernel's path for every linear
+        with KernelCalls() as calls:
+            got = fast(ids)
+        assert calls.rows == [12] * products  # 12 rows: the kernel's path for every linear
+        torch.testing.assert_close(got, model(ids))
         cache = KVCache.for_model(fast, 1, 40)
         fast(ids, cache=cache)
-        step = fast(ids[:, :1], cache=cache)  # one row
+        with KernelCalls() as calls:
+            step = fast(ids[:, :1], cache=cache)  # one row
+        assert calls.rows == [1] * products
         torch.testing.assert_close(step[0, -1], model(torch.cat([ids, ids[:, :1]], 1))[0, -1], rtol=1e-5, atol=1e-5)
     config = GenerationConfig(max_new_tokens=30, temperature=0.0, eos_token_id=None)
     assert torch.equal(generate(fast, ids, config), generate(model, ids, config))
@@ -188,11 +192,14 @@ def test_generate_cli_with_the_kernel_writes_the_same_greedy_text(capsys: pytest
     from toyllm.cli.main import run_app
 
     args = ["generate", "Hello there", "--model", "random:gpt2-tiny", "-n", "12", "--temperature", "0", "--seed", "1"]
-    outputs = []
+    outputs, used = [], []
     for extra in ([], ["--cpu-kernel"], ["--cpu-kernel", "--draft-layers", "1"]):
-        assert run_app([*args, *extra]) == 0
+        with KernelCalls() as calls:
+            assert run_app([*args, *extra]) == 0
         outputs.append(capsys.readouterr().out)
+        used.append(len(calls.rows))
     assert outputs[0] == outputs[1] == outputs[2] and outputs[0].startswith("Hello there")
+    assert used[0] == 0 and used[1] > 0 and used[2] > 0  # --cpu-kernel did route the products through the kernel
 
 
 def test_bench_kernel_writes_json_and_plot(tmp_path: Path) -> None:

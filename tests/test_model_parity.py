@@ -17,7 +17,10 @@ from toyllm.kv_cache import KVCache
 
 transformers = pytest.importorskip("transformers")
 
-ATOL = 1e-4
+# The project asks for logits within 1e-4; the float32 differences here are below 1e-6, and at 1e-4 an exact (erf)
+# GELU in place of GPT-2's tanh one passed on two of the four configurations below. At 1e-5 it fails three of them
+# (the 8-wide one-layer model differs by 4e-6 only).
+ATOL = 1e-5
 TINY_CONFIGS: list[dict[str, Any]] = [
     dict(n_layer=1, n_head=1, n_embd=8, n_positions=16, vocab_size=50),
     dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=101, layer_norm_epsilon=1e-6),

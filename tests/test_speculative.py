@@ -29,6 +29,7 @@ from toyllm.speculative import (
     SpeculativeStats,
     ThresholdSchedule,
     VerifyCost,
+    batch_speculative_stream,
     speculative_stream,
     verify_drafts,
     verify_greedy,
@@ -141,7 +142,7 @@ def test_prompt_seconds_count_each_prompt_once_and_no_slide() -> None:
     assert stats.draft_prefills > 3  # the windows slid and were refilled: not counted as prompt
     prefill_seconds = stats.draft_prefill_seconds + stats.target_seconds - stats.verify_seconds
     assert 0 < stats.prompt_seconds < prefill_seconds
-    assert stats.decode_seconds == stats.total_seconds - stats.prompt_seconds
+    assert 0 < stats.decode_seconds < stats.total_seconds
 
 
 def test_stats_total_adds_separate_runs_like_one_shared_stats() -> None:
@@ -261,7 +262,8 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor, min_expected: 
 
 
 PLAIN = dict(temperature=1.0, top_k=0)
-FILTERED = dict(temperature=1.0, top_k=5, top_p=0.9, repetition_penalty=1.5)
+# Temperature 0.7, not 1: at 1 a decoder that dropped the temperature would pass unseen (NoTemperatureDecoder).
+FILTERED = dict(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.5)
 
 
 def dist_config(knobs: dict) -> GenerationConfig:
@@ -293,11 +295,23 @@ class RawQDecoder(SpeculativeDecoder):
         return token, torch.softmax(logits.float(), dim=-1)[0]
 
 
+class NoTemperatureDecoder(SpeculativeDecoder):
+    """BROKEN on purpose: processes both models' logits at temperature 1, whatever the config says."""
+
+    def _process(self, logits, previous, valid=None):
+        c = self.config
+        penalty = c.repetition_penalty
+        return process_logits(
+            logits, previous if penalty != 1.0 else None, temperature=1.0, top_k=c.top_k, top_p=c.top_p,
+            repetition_penalty=penalty, valid=valid,
+        )  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "knobs, schedule",
     [(PLAIN, fixed_threshold), (FILTERED, None)],
-    ids=["temperature1-threshold-schedule", "topk-topp-penalty"],
+    ids=["temperature1-threshold-schedule", "temperature0.7-topk-topp-penalty"],
 )
 def test_distribution_is_exactly_the_targets(small_pair, knobs, schedule) -> None:
     target, draft = small_pair
@@ -327,8 +341,8 @@ def test_distribution_is_exact_with_a_restricted_draft(small_pair) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "broken, knobs",
-    [(NoResidualDecoder, PLAIN), (RawQDecoder, FILTERED)],
-    ids=["no-residual", "q-from-raw-logits"],
+    [(NoResidualDecoder, PLAIN), (RawQDecoder, FILTERED), (NoTemperatureDecoder, FILTERED)],
+    ids=["no-residual", "q-from-raw-logits", "temperature-dropped"],
 )
 def test_the_same_test_catches_broken_variants(small_pair, broken, knobs) -> None:
     target, draft = small_pair
@@ -441,6 +455,21 @@ def test_stops_at_eos_and_stop_strings_like_plain(target, drafts, kind: str) -> 
         assert torch.equal(out, expected)
 
 
+def test_stats_count_only_drafts_emitted_before_a_stop(target, drafts) -> None:
+    """The draft is the target, so all 8 drafts of the one round are accepted; EOS ends the output inside them. The
+    statistics count the accepted drafts that came out, not the ones cut off after the stop."""
+    ids = prompts(96, (4,))[0]
+    free = generate(target, ids, GenerationConfig(max_new_tokens=30, temperature=0.0, eos_token_id=None))
+    config = GenerationConfig(max_new_tokens=30, temperature=0.0, eos_token_id=int(free[0, 4 + 5]), lookahead=8)
+    made = generate(target, ids, config).shape[1] - 4  # up to and including the first EOS: 6 or fewer
+    assert made <= 6
+    for decoder in (speculative_stream, batch_speculative_stream):
+        spec = SpeculativeStats()
+        out = torch.cat([ids, *decoder(target, drafts["same"], ids, config, spec_stats=spec)], dim=1)
+        assert out.shape[1] - 4 == spec.new_tokens == made
+        assert (spec.rounds, spec.proposed, spec.accepted, spec.rejected) == (1, 8, made, 0), decoder.__name__
+
+
 def test_streaming_blocks_and_text(target, drafts) -> None:
     tok = LetterTokenizer(96)
     config = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=None, lookahead=4, stop=["zz"])
@@ -459,9 +488,14 @@ def test_streaming_blocks_and_text(target, drafts) -> None:
 def test_statistics(target, drafts) -> None:
     stats = GenerationStats()
     config = GenerationConfig(max_new_tokens=24, temperature=0.0, eos_token_id=None, lookahead=4)
-    generate(target, prompts(96, (5,))[0], config, draft_model=drafts["same"], stats=stats)
+    blocks: list[torch.Tensor] = []
+    generate(target, prompts(96, (5,))[0], config, draft_model=drafts["same"], stats=stats, streamer=blocks.append)
     extra = stats.extra
     assert stats.new_tokens == 24 and stats.prompt_tokens == 5
+    # The first round (prefill and verification together) made 5 tokens in `prefill_seconds`: the decode rate is
+    # the other 19 over the rest of the time, not 23 (a rate once counted the first round's extra tokens for free).
+    assert stats.first_tokens == blocks[0].shape[1] == 5
+    assert stats.tokens_per_second == pytest.approx((24 - 5) / stats.decode_seconds)
     assert extra["proposed"] == extra["accepted"] > 0 and extra["acceptance_rate"] == extra["alpha"] == 1.0
     assert extra["tokens_per_target_forward"] == 24 / extra["rounds"] == 24 / 5  # 5 + 5 + 5 + 5 + 4
     assert stats.target_forwards == extra["target_forwards"] == extra["rounds"] + 1  # + the prompt's prefill
@@ -715,6 +749,10 @@ def test_errors(target) -> None:
     config = GenerationConfig(max_new_tokens=4)
     with pytest.raises(InvalidArgumentError, match="vocabulary"):
         list(speculative_stream(target, tiny(1, vocab=50), ids, config))
+    with pytest.raises(InvalidArgumentError, match="needs at least 2"):  # a 1-token window cannot take a catch-up
+        list(speculative_stream(target, tiny(1, n_positions=1), ids, config))
+    one_back = GenerationConfig(max_new_tokens=20, temperature=0.0, eos_token_id=None, lookahead=4)
+    assert torch.equal(spec_generate(target, tiny(1, n_positions=2), ids, one_back)[0], generate(target, ids, one_back))
     with pytest.raises(InvalidArgumentError, match="batch size 1"):
         list(speculative_stream(target, target, ids.repeat(2, 1), config))
     with pytest.raises(InvalidArgumentError, match="context window"):
@@ -736,3 +774,7 @@ def test_seed_script_offline(capsys) -> None:
     assert "acceptance_rate" in captured.err and "tokens_per_target_forward" in captured.err
     assert main([*argv, "--lookahead", "0"]) == 2  # a bad value is one line on stderr, exit code 2
     assert "lookahead" in capsys.readouterr().err
+    for bound in ("2", "-5"):  # an explicit bound below K is an error, not quietly raised to K
+        assert main([*argv, "--max_lookahead", bound]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"1..max_lookahead ({bound})" in err

@@ -128,3 +128,21 @@ def test_sampler_state_resumes_the_stream():
 def test_corpus_shorter_than_a_block():
     with pytest.raises(DataError, match="fewer than one block"):
         WindowSampler(np.arange(10, dtype=np.uint16), 16, 2, seed=0)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda meta: [], "not written by this version"),  # JSON, but not an object
+        (lambda meta: {k: v for k, v in meta.items() if k != "train_tokens"}, "no valid train_tokens"),
+        (lambda meta: {**meta, "val_tokens": "many"}, "no valid val_tokens"),
+    ],
+    ids=["a-list", "no-count", "count-not-a-number"],
+)
+def test_damaged_meta_is_a_one_line_error(tmp_path, tok, damage, message):
+    (tmp_path / "a.txt").write_text("some text to prepare " * 20, encoding="utf-8")
+    prepare([tmp_path / "a.txt"], tmp_path / "o", tokenizer=tok)
+    meta_file = tmp_path / "o" / "meta.json"
+    meta_file.write_text(json.dumps(damage(json.loads(meta_file.read_text()))))
+    with pytest.raises(DataError, match=message):
+        PreparedData.open(tmp_path / "o")

@@ -58,6 +58,8 @@ class GenerationConfig:
         validate_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         if self.max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # what torch's generators take
+            raise InvalidArgumentError(f"seed must be in 0..2**64 - 1, got {self.seed}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise InvalidArgumentError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.window_keep is not None and self.window_keep < 1:
@@ -85,12 +87,16 @@ class GenerationStats:
     prefill_seconds: float = 0.0  # time to the first token, prefill included
     decode_seconds: float = 0.0
     target_forwards: int = 0
+    # Tokens (per row) that came out with the prefill, in `prefill_seconds`: 1 for plain decoding, the whole first
+    # round's output for speculative decoding (its first round prefills the prompt and verifies drafts too).
+    first_tokens: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
-        """Decode speed: the first token is counted in the prefill time, so it is left out here."""
-        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+        """Decode speed: the tokens that came with the prefill are counted in its time, so they are left out here."""
+        tokens = self.new_tokens - self.first_tokens
+        return tokens / self.decode_seconds if self.decode_seconds > 0 and tokens > 0 else float("nan")
 
 
 def _positions(valid: torch.Tensor) -> torch.Tensor:

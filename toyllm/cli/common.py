@@ -77,6 +77,19 @@ def check_draft_options(
         raise InvalidArgumentError("--draft-vocab needs a draft (--draft MODEL or --draft-layers N)")
 
 
+def check_speculative_options(
+    has_draft: bool, lookahead: int | None, lookahead_schedule: str | None, kv_cache: bool
+) -> None:
+    """Options that would be silently ignored: lookahead settings without a draft, no cache with one."""
+    if not has_draft and (lookahead is not None or lookahead_schedule is not None):
+        raise InvalidArgumentError(
+            "--lookahead and --lookahead-schedule set speculative decoding: they need a draft "
+            "(--draft MODEL or --draft-layers N)"
+        )
+    if has_draft and not kv_cache:
+        raise InvalidArgumentError("speculative decoding always uses the KV cache: drop --no-kv-cache")
+
+
 def load_draft(
     model: GPT2LMHeadModel,
     draft: str | Path | None,
@@ -85,11 +98,13 @@ def load_draft(
     dtype: torch.dtype | None,
     draft_vocab: int | None = None,
     draft_vocab_data: str | Path | None = None,
+    eos_token_id: int | None = None,
 ) -> GPT2LMHeadModel | None:
     """The draft for speculative decoding: a separate model, the target's first layers, or None (plain decoding).
 
     `draft_vocab` restricts the draft's output to that many tokens (`GPT2LMHeadModel.restrict_vocab`), the most
-    frequent in the prepared directory `draft_vocab_data`, else GPT-2's first ids.
+    frequent in the prepared directory `draft_vocab_data`, else GPT-2's first ids; plus `eos_token_id` (the end of
+    text that generation stops on; default: the model config's), so the draft can propose the end.
     """
     check_draft_options(draft, draft_layers, draft_vocab, draft_vocab_data)
     if draft is None and draft_layers is None:
@@ -111,7 +126,8 @@ def load_draft(
         from toyllm.speculative import draft_vocabulary
 
         c = model.config
-        draft_model.restrict_vocab(draft_vocabulary(draft_vocab, c.vocab_size, draft_vocab_data, (c.eos_token_id,)))
+        eos = eos_token_id if eos_token_id is not None else c.eos_token_id
+        draft_model.restrict_vocab(draft_vocabulary(draft_vocab, c.vocab_size, draft_vocab_data, (eos,)))
     return draft_model
 
 
@@ -136,9 +152,12 @@ def _number(value: Any) -> str:
 def format_stats(stats: GenerationStats) -> list[str]:
     """Human-readable timing lines: throughput first, then the speculative statistics when there are any."""
     total = stats.prefill_seconds + stats.decode_seconds
+    rate = stats.tokens_per_second
+    # No decode rate when every token came with the prefill (one speculative round made them all).
+    decode = f"decode {rate:.1f} tokens/s" if math.isfinite(rate) else "decode - (every token came with the prefill)"
     lines = [
         f"{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens in {total:.2f} s | "
-        f"time to first token {stats.prefill_seconds * 1000:.1f} ms | decode {stats.tokens_per_second:.1f} tokens/s"
+        f"time to first token {stats.prefill_seconds * 1000:.1f} ms | {decode}"
     ]
     if stats.extra:
         lines.append("speculative: " + ", ".join(f"{key} {_number(value)}" for key, value in stats.extra.items()))
@@ -170,7 +189,9 @@ def run_generate(
     check_draft_options(draft, draft_layers, draft_vocab, draft_vocab_data)  # (load_draft checks too, but later)
     lm = load_model(model, target_device, target_dtype, config.seed)
     tok = load_tokenizer_for(model, tokenizer)
-    draft_model = load_draft(lm, draft, draft_layers, target_device, target_dtype, draft_vocab, draft_vocab_data)
+    draft_model = load_draft(
+        lm, draft, draft_layers, target_device, target_dtype, draft_vocab, draft_vocab_data, tok.eos_token_id
+    )
     if cpu_kernel:
         from toyllm import kernels
 
@@ -235,7 +256,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
     parser.add_argument("--top_k", type=int, default=50, help="0 disables")
     parser.add_argument("--top_p", type=float, default=1.0, help="in (0, 1]; 1 disables")
     parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1 disables")
-    parser.add_argument("--seed", type=int, default=None, help="make the run repeatable")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="make the run repeatable (not quite with the threshold schedule at temperature > 0: its draft counts "
+        "follow measured timings)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--stream", action="store_true", help="print the completion as it is generated")

@@ -76,7 +76,11 @@ def generate(
     ] = 1.0,
     seed: Annotated[
         int | None,
-        typer.Option(help="Make the run repeatable (sampling, and random:<preset> weights).", rich_help_panel=SAMPLING),
+        typer.Option(
+            help="Make the run repeatable (sampling, and random:<preset> weights). Not quite with "
+            "--lookahead-schedule threshold at a temperature above 0: its draft counts follow measured timings.",
+            rich_help_panel=SAMPLING,
+        ),
     ] = None,
     stop: Annotated[
         list[str] | None,
@@ -151,15 +155,17 @@ def generate(
         ),
     ] = None,
     lookahead: Annotated[
-        int, typer.Option(help="Tokens the draft proposes per step.", rich_help_panel=SPECULATIVE)
-    ] = 4,
+        int | None,
+        typer.Option(help="Tokens the draft proposes per step [default: 4].", rich_help_panel=SPECULATIVE),
+    ] = None,
     lookahead_schedule: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="constant, heuristic (grow/shrink with acceptance) or threshold (stop drafting when unsure).",
+            help="constant, heuristic (grow/shrink with acceptance) or threshold (stop drafting when unsure) "
+            "[default: constant].",
             rich_help_panel=SPECULATIVE,
         ),
-    ] = "constant",
+    ] = None,
     cpu_kernel: Annotated[
         bool,
         typer.Option(
@@ -169,9 +175,11 @@ def generate(
         ),
     ] = False,
 ) -> None:
-    from toyllm.cli.common import run_generate
+    from toyllm.cli.common import check_speculative_options, run_generate
     from toyllm.generation import GenerationConfig
 
+    check_speculative_options(draft is not None or draft_layers is not None, lookahead, lookahead_schedule, kv_cache)
+    lookahead = lookahead if lookahead is not None else 4
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -184,7 +192,7 @@ def generate(
         chunk_size=chunk_size,
         sliding_window=window,
         lookahead=lookahead,
-        lookahead_schedule=lookahead_schedule,
+        lookahead_schedule=lookahead_schedule if lookahead_schedule is not None else "constant",
         max_lookahead=max(16, lookahead),
     )
     run_generate(

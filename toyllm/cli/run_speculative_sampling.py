@@ -48,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lookahead", type=int, default=4, help="draft tokens proposed per round (K)")
     p.add_argument("--lookahead_schedule", default="constant", choices=LOOKAHEAD_SCHEDULES, help="how K adapts")
-    p.add_argument("--max_lookahead", type=int, default=16, help="upper bound on K for heuristic and threshold")
+    p.add_argument(
+        "--max_lookahead", type=int, default=None, help="upper bound on K for heuristic/threshold (default: 16, or K)"
+    )
     add_generation_arguments(p, max_new_tokens=50)
     return p
 
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         args,
         lookahead=args.lookahead,
         lookahead_schedule=args.lookahead_schedule,
-        max_lookahead=max(args.max_lookahead, args.lookahead),
+        # An explicit bound below K is an error (GenerationConfig.validate says so), not quietly raised to K.
+        max_lookahead=args.max_lookahead if args.max_lookahead is not None else max(16, args.lookahead),
     )
     return run_guarded(
         lambda: run_generate(

@@ -386,11 +386,12 @@ class BatchSpeculativeDecoder:
                 n, nxt = self._verify(drafts[b], q[b], p[b], self.generator)
             kept[b] = n
             self.tokens[b, int(self.next_column[b]) + n] = nxt  # the residual or bonus token after the kept drafts
-            # Counted as the one-prompt decoder counts: only the drafts this row could have emitted.
+            # Counted as the one-prompt decoder counts: only the drafts this row could have emitted; and when a stop
+            # cuts the row short, only the accepted drafts it emitted, and a rejection only if it was reached.
+            emitted = self._emit(b, n + 1)
             s.proposed += usable[b]
-            s.accepted += min(n, usable[b])
-            s.rejected += int(n < usable[b])
-            self._emit(b, n + 1)
+            s.accepted += min(n, usable[b], emitted)
+            s.rejected += int(n < usable[b] and emitted > n)
         return kept
 
     def _roll_back(self, last_slot: int, k: int, kept: list[int]) -> None:
@@ -406,10 +407,10 @@ class BatchSpeculativeDecoder:
         self.target_cache.truncate(new_length)
         self.draft_cache.truncate(min(self.draft_cache.length, new_length))
 
-    def _emit(self, b: int, count: int) -> None:
+    def _emit(self, b: int, count: int) -> int:
         """Advance row b over its next `count` tokens, one at a time, stopping after EOS, a stop string or
-        max_new_tokens."""
-        column = int(self.next_column[b])
+        max_new_tokens; return how many it emitted."""
+        column = start = int(self.next_column[b])
         for _ in range(count):
             column += 1
             self.stats.new_tokens += 1
@@ -418,8 +419,9 @@ class BatchSpeculativeDecoder:
                 self.finished[b] = True
                 self.tokens[b, column:] = self.pad  # a finished row shows padding, as in plain batched decoding
                 break
-        self.token_ok[b, int(self.next_column[b]) : column] = True
+        self.token_ok[b, start:column] = True
         self.next_column[b] = column
+        return column - start
 
     _verify = staticmethod(verify_drafts)  # a class attribute, so that a test can swap in a broken rule
 

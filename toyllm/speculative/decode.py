@@ -49,6 +49,10 @@ def check_draft(target: GPT2LMHeadModel, draft: GPT2LMHeadModel) -> None:
             f"the draft model has a vocabulary of {draft.config.vocab_size} tokens but the target has "
             f"{target.config.vocab_size}; speculative decoding needs both to share one tokenizer"
         )
+    if draft.config.n_positions < 2:  # its window could not hold the two tokens a round may feed it
+        raise InvalidArgumentError(
+            f"the draft's context window is {draft.config.n_positions} token; a draft needs at least 2"
+        )
     t_dev, d_dev = next(target.parameters()).device, next(draft.parameters()).device
     if t_dev != d_dev:
         raise InvalidArgumentError(f"the draft is on {d_dev} but the target is on {t_dev}; put both on one device")
@@ -203,8 +207,10 @@ class SpeculativeDecoder:
         s = self.stats
         s.rounds += 1
         s.proposed += k
-        s.accepted += n
-        s.rejected += int(n < k)
+        # A stop (EOS, a stop string) can cut the round short: count only the accepted drafts that were emitted, and
+        # the rejection only if it was reached. The schedule still hears the verification's outcome, n of k.
+        s.accepted += min(n, emitted)
+        s.rejected += int(n < k and emitted > n)
         s.new_tokens += emitted
         s.lookaheads.append(k)
         s.accepted_per_round.append(n)
@@ -366,8 +372,9 @@ def run_rounds(decoder: Any, stats: GenerationStats) -> Iterator[torch.Tensor]:
         while not decoder.done:
             new = decoder.next_block()
             now = time.perf_counter()
-            if first:
+            if first:  # the first round's time counts as prefill, and so do the tokens it made
                 stats.prefill_seconds, start, first = now - start, now, False
+                stats.first_tokens = decoder.new_tokens
             stats.new_tokens = decoder.new_tokens
             stats.target_forwards = spec.target_forwards
             stats.decode_seconds = now - start

@@ -17,8 +17,8 @@ class SpeculativeStats:
 
     rounds: int = 0  # verification forwards of the target
     proposed: int = 0  # draft tokens proposed
-    accepted: int = 0  # draft tokens accepted
-    rejected: int = 0  # rounds that ended on a rejection (drafts after it were never judged)
+    accepted: int = 0  # draft tokens accepted and emitted (a stop can cut a round's accepted drafts short)
+    rejected: int = 0  # rounds that ended on a rejection that was reached (drafts after it were never judged)
     new_tokens: int = 0  # tokens emitted (accepted drafts + one residual/bonus token per round, cut at stops)
     target_forwards: int = 0  # verification forwards + prompt prefills (and re-prefills after a window slide)
     draft_forwards: int = 0  # every draft forward, its prompt prefill included

@@ -34,11 +34,12 @@ def frequent_tokens(tokens: np.ndarray | torch.Tensor, n: int, vocab_size: int, 
 
 
 def draft_vocabulary(
-    n: int, vocab_size: int, data: str | Path | None = None, always: tuple[int, ...] = ()
+    n: int, vocab_size: int, data: str | Path | None = None, always: tuple[int | None, ...] = ()
 ) -> torch.Tensor:
     """The ids a restricted draft keeps: the `n` most frequent in `data`'s train split, else ids 0..n-1.
 
     `always` (e.g. EOS) is added on top, so the draft can propose the end of the text: up to n + len(always) ids.
+    None in it (a config without an EOS id) is skipped.
     """
     if not 1 <= n <= vocab_size:
         raise InvalidArgumentError(f"the draft vocabulary must keep 1..{vocab_size} tokens, got {n}")
@@ -48,5 +49,5 @@ def draft_vocabulary(
         from toyllm.train.data import PreparedData  # (a data error there is already a clear one-line one)
 
         ids = frequent_tokens(PreparedData.open(data).train, n, vocab_size)
-    extra = torch.tensor([i for i in always if 0 <= i < vocab_size], dtype=torch.long)
+    extra = torch.tensor([i for i in always if i is not None and 0 <= i < vocab_size], dtype=torch.long)
     return torch.cat([ids, extra]).unique()

@@ -350,12 +350,15 @@ class PreparedData:
             ) from None
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{path / META_FILE} is unreadable: {exc}") from exc
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise DataError(f"{path} was not written by this version of `toyllm prepare`; prepare it again")
         splits = {}
         for name, key in ((TRAIN_FILE, "train_tokens"), (VAL_FILE, "val_tokens")):
             file = path / name
-            expected = int(meta[key]) * np.dtype(TOKEN_DTYPE).itemsize
+            count = meta.get(key)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise DataError(f"{path / META_FILE} has no valid {key}: it is damaged; prepare again")
+            expected = count * np.dtype(TOKEN_DTYPE).itemsize
             if not file.is_file() or file.stat().st_size != expected:
                 raise DataError(f"{file} is missing or truncated (meta.json expects {expected} bytes); prepare again")
             # np.memmap refuses empty files; an empty split is an empty array.
