@@ -87,7 +87,7 @@ step train_draft 90 "toyllm train --data .gpu/data-shakespeare --out $D/draft --
 [ "$PAIR" = 1 ] && step spec_trained_reversed 120 "toyllm bench speculative --target $D/target/best \
   --draft $D/draft-distilled/best --cases self,draft --self-layers 2 --draft-vocab 1024 --draft-vocab-data $D/distill \
   --prompt-file .gpu/tinyshakespeare.txt --prompts 4 --repeats $REP -n $(pick 8 96) --lookaheads 2,4,8 \
-  --device $DEVICE --out $W/spec_trained_reversed"
+  --schedules constant,threshold --device $DEVICE --out $W/spec_trained_reversed"
 [ "$PAIR" = 1 ] || echo "trained pair: a step failed, later ones skipped" >> "$W/steps.txt"
 step spec_random 150 "toyllm bench speculative --target $MED --draft $SMALL --cases draft,same,self --lookaheads 2,4,8 \
   --device $DEVICE -n $(pick 8 64) --prompts 2 --repeats $REP --out $W/spec_random"

@@ -148,6 +148,7 @@ BAD_OPTIONS = [
     (["--repetition-penalty", "0"], "repetition_penalty"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--seed", str(2**64)], "seed must be in"),
+    (["--seed", str(-(2**63) - 1)], "seed must be in"),
     (["--chunk-size", "0"], "chunk_size"),
     (["--draft-layers", "1", "--lookahead-schedule", "sometimes"], "lookahead_schedule"),
     (["--lookahead", "7"], "need a draft"),  # it would be ignored

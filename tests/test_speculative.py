@@ -4,9 +4,9 @@ The distribution tests are statistical. Each draws N = 20,000 speculative sample
 their empirical joint distribution with the target's exact one (enumerated over all vocab^3 continuations) by a
 chi-square goodness-of-fit test that fails when p < ALPHA = 1e-3: for a correct implementation and a random seed,
 each such test raises a false alarm with probability 0.001. The seeds are fixed, so the outcome is reproducible.
-The same test (statistic and threshold) is run on two deliberately broken decoders kept below (no residual
-distribution; q taken from the unprocessed logits); both must fail it, and they do with only N_BROKEN = 5,000
-samples (fewer samples only make a failure harder to reach, and keep CI short).
+The same test (statistic and threshold) is run on three deliberately broken decoders kept below (no residual
+distribution; q taken from the unprocessed logits; the temperature dropped); each must fail it, and they do with
+only N_BROKEN = 5,000 samples (fewer samples only make a failure harder to reach, and keep CI short).
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ class GenerationConfig:
         validate_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         if self.max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.seed is not None and not 0 <= self.seed < 2**64:  # what torch's generators take
-            raise InvalidArgumentError(f"seed must be in 0..2**64 - 1, got {self.seed}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch's generators take
+            raise InvalidArgumentError(f"seed must be in -2**63..2**64 - 1, got {self.seed}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise InvalidArgumentError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.window_keep is not None and self.window_keep < 1:

@@ -156,13 +156,13 @@ def generate(
     ] = None,
     lookahead: Annotated[
         int | None,
-        typer.Option(help="Tokens the draft proposes per step [default: 4].", rich_help_panel=SPECULATIVE),
+        typer.Option(help="Tokens the draft proposes per step.", show_default="4", rich_help_panel=SPECULATIVE),
     ] = None,
     lookahead_schedule: Annotated[
         str | None,
         typer.Option(
-            help="constant, heuristic (grow/shrink with acceptance) or threshold (stop drafting when unsure) "
-            "[default: constant].",
+            help="constant, heuristic (grow/shrink with acceptance) or threshold (stop drafting when unsure).",
+            show_default="constant",
             rich_help_panel=SPECULATIVE,
         ),
     ] = None,

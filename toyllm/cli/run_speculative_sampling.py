@@ -49,7 +49,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lookahead", type=int, default=4, help="draft tokens proposed per round (K)")
     p.add_argument("--lookahead_schedule", default="constant", choices=LOOKAHEAD_SCHEDULES, help="how K adapts")
     p.add_argument(
-        "--max_lookahead", type=int, default=None, help="upper bound on K for heuristic/threshold (default: 16, or K)"
+        "--max_lookahead",
+        type=int,
+        default=None,
+        help="upper bound on K for heuristic/threshold; %(default)s means max(16, K)",
     )
     add_generation_arguments(p, max_new_tokens=50)
     return p

@@ -36,6 +36,7 @@ class SpeculativeStats:
     compactions: int = 0  # batches only: times the holes in the caches were closed (toyllm/speculative/batch.py)
     lookaheads: list[int] = field(default_factory=list)  # drafts proposed, per round
     # Drafts accepted, per round. In a batch: the fewest any row accepted (k where every row kept all it could use).
+    # (What verification found: a stop that cut the round short does not lower it, unlike `accepted`.)
     accepted_per_round: list[int] = field(default_factory=list)
 
     @classmethod
