@@ -164,6 +164,18 @@ def test_bad_options_fail_fast(cli, no_model_loading: None, options: list[str], 
     cli("generate", "Hello", *options).assert_one_line_error(fragment)
 
 
+def test_an_unexpected_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Some library errors carry a C++ stack trace over a dozen lines: the CLI keeps the first, exit code 1."""
+    from toyllm.cli.app import run_guarded
+
+    def fails() -> None:
+        raise RuntimeError("Overflow when unpacking\nframe #0: c10::Error\nframe #1: at::native::full")
+
+    assert run_guarded(fails) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: RuntimeError: Overflow when unpacking (set TOYLLM_DEBUG" in err
+
+
 def test_empty_prompt(cli, no_model_loading: None) -> None:
     cli("generate", "").assert_one_line_error("prompt is empty")
 

@@ -76,3 +76,45 @@ def test_perplexity_and_bits_per_byte(model, tmp_path):
 def test_bad_stride(model):
     with pytest.raises(InvalidArgumentError, match="stride"):
         sliding_window_nll(model, torch.arange(10), stride=64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_length": 1}, "max_length"),
+        ({"max_length": 0}, "max_length"),
+        ({"max_length": -3}, "max_length"),
+        ({"stride": 0}, "stride"),
+        ({"stride": -1}, "stride"),
+    ],
+)
+def test_bad_window_raises_instead_of_hanging(small, kwargs, message):
+    """max_length 1 made the step 0 (an endless loop) and 0 was silently the default: both must be errors."""
+    ids = torch.arange(10)
+    with pytest.raises(InvalidArgumentError, match=message):
+        sliding_window_nll(small, ids, **kwargs)
+    with pytest.raises(InvalidArgumentError, match=message):
+        perplexity(small, ids, load_tokenizer(), **kwargs)
+
+
+def test_max_length_two_scores_every_token(small):
+    """The smallest window that works: one token of context, one target."""
+    ids = torch.randint(0, 512, (6,), generator=torch.Generator().manual_seed(3))
+    nll, scored, windows = sliding_window_nll(small, ids, max_length=2)
+    assert (scored, windows) == (5, 5) and nll == pytest.approx(brute_force_nll(small, ids, 1, 2), rel=1e-5)
+
+
+@pytest.mark.parametrize("max_tokens", [0, -1])
+def test_bad_max_tokens(tmp_path, max_tokens):
+    """0 used to mean "all tokens" and -1 quietly dropped the last one."""
+    path = tmp_path / "t.txt"
+    path.write_text("a few words to evaluate", encoding="utf-8")
+    with pytest.raises(InvalidArgumentError, match="max_tokens"):
+        load_eval_tokens(path, load_tokenizer(), max_tokens=max_tokens)
+
+
+def test_max_tokens_limits_a_text_file(tmp_path):
+    tok = load_tokenizer()
+    path = tmp_path / "t.txt"
+    path.write_text("a few words to evaluate " * 5, encoding="utf-8")
+    assert load_eval_tokens(path, tok, max_tokens=3).tolist() == tok.encode(path.read_text())[:3]

@@ -202,6 +202,14 @@ def test_generate_cli_with_the_kernel_writes_the_same_greedy_text(capsys: pytest
     assert used[0] == 0 and used[1] > 0 and used[2] > 0  # --cpu-kernel did route the products through the kernel
 
 
+def test_bench_kernel_needs_a_timed_run(model: GPT2LMHeadModel) -> None:
+    from toyllm.bench.kernel import kernel_bench
+
+    for repeats in (0, -1):
+        with pytest.raises(InvalidArgumentError, match="--repeats must be >= 1"):
+            kernel_bench(model, rows=(1,), repeats=repeats)
+
+
 def test_bench_kernel_writes_json_and_plot(tmp_path: Path) -> None:
     from toyllm.cli.main import run_app
 

@@ -717,6 +717,17 @@ def test_bench_times_adaptive_schedules(tmp_path, monkeypatch) -> None:
         run_speculative_bench(**kw, schedules=["fastest"], device="cpu")
 
 
+def test_bench_refuses_an_empty_run() -> None:
+    """An empty list of cases or K would write a report with no rows over a good one; bad layer counts are one line."""
+    from toyllm.bench.speculative import run_speculative_bench
+
+    for bad in (dict(cases=[]), dict(lookaheads=[]), dict(lookaheads=[0, 2])):
+        with pytest.raises(InvalidArgumentError, match="at least one value"):
+            run_speculative_bench(target="random:gpt2-tiny", device="cpu", **bad)
+    with pytest.raises(InvalidArgumentError, match="1..2 layers, got 0"):
+        run_speculative_bench(target="random:gpt2-tiny", cases=["self"], self_layers=0, device="cpu")
+
+
 def test_bench_flags_baselines_that_moved(monkeypatch) -> None:
     """Each case times the same target's plain decoding again; when those baselines disagree by more than 10%, the
     bench says so (an H100 run once had a 24% gap between two cases)."""

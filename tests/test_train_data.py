@@ -80,6 +80,21 @@ def test_non_utf8_names_file_and_offset(tmp_path, tok):
         prepare([bad], tmp_path / "o", tokenizer=tok, block=4096)
 
 
+def test_failed_prepare_leaves_the_old_directory_intact(tmp_path, tok):
+    """A bad input (here not UTF-8) must not cost the good data already prepared in the same directory."""
+    (tmp_path / "good.txt").write_text("some good text to prepare " * 20, encoding="utf-8")
+    prepare([tmp_path / "good.txt"], tmp_path / "o", tokenizer=tok)
+    before = PreparedData.open(tmp_path / "o")
+    tokens = np.concatenate([before.train, before.val]).tolist()
+    files = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    (tmp_path / "bad.bin").write_bytes(b"fine text, then " + b"\xff\xfe" * 10)
+    with pytest.raises(DataError, match="not UTF-8"):
+        prepare([tmp_path / "bad.bin"], tmp_path / "o", tokenizer=tok, block=8)
+    after = PreparedData.open(tmp_path / "o")
+    assert np.concatenate([after.train, after.val]).tolist() == tokens
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == files  # no temporary file left either
+
+
 def test_empty_corpus_and_missing_input(tmp_path, tok):
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     with pytest.raises(DataError, match="corpus is empty.*empty.txt"):

@@ -108,6 +108,17 @@ def test_keeps_last_k_and_best(data, tmp_path):
     assert names[-2:] == ["step-00000004", "step-00000006"] and best in names and len(names) <= 3
 
 
+def test_a_new_run_will_not_overwrite_an_old_one(data, tmp_path):
+    """Training into a directory that holds checkpoints, without --resume, is refused before anything is written:
+    it would replace the old run's step checkpoints and mix the two runs' `latest` and `best`."""
+    run = tmp_path / "run"
+    train(tiny_config(data, run, max_steps=2, eval_interval=2))
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    with pytest.raises(InvalidArgumentError, match="already holds a run's checkpoints.*--resume"):
+        train(tiny_config(data, run, max_steps=1, eval_interval=1, seed=7))
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
 def test_checkpoint_loads_in_generate_and_transformers(data, tmp_path):
     transformers = pytest.importorskip("transformers")
     train(tiny_config(data, tmp_path / "run", max_steps=2, eval_interval=2))

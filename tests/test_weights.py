@@ -232,6 +232,41 @@ def test_config_we_cannot_run_exactly(saved: tuple[Path, GPT2LMHeadModel], chang
     raises_checkpoint_error(directory, next(iter(change)))
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"n_head": 0},
+        {"n_head": -2},
+        {"n_head": 3},
+        {"n_positions": "256"},
+        {"vocab_size": 100.0},
+        {"n_inner": "x"},
+        {"n_layer": [2]},
+        {"n_embd": True},
+        {"layer_norm_epsilon": "x"},
+        {"layer_norm_epsilon": 0},
+        {"attn_pdrop": 1.5},
+        {"eos_token_id": "50256"},
+        {"tie_word_embeddings": "false"},
+        {"n_layer": 10**9},  # must fail at once, not build a billion-block skeleton
+    ],
+)
+def test_damaged_config_values(saved: tuple[Path, GPT2LMHeadModel], change: dict[str, object]) -> None:
+    """Wrong types or values in config.json are a CheckpointError naming the field, never a torch crash."""
+    directory, _ = saved
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **change}))
+    raises_checkpoint_error(directory, next(iter(change)))
+
+
+def test_config_sizes_that_overflow_torch(saved: tuple[Path, GPT2LMHeadModel]) -> None:
+    """A size that passes the config checks but not torch's own is still a CheckpointError."""
+    directory, _ = saved
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "n_embd": 2**62}))
+    raises_checkpoint_error(directory, "torch cannot build")
+
+
 def test_path_that_is_a_file_or_missing(saved: tuple[Path, GPT2LMHeadModel]) -> None:
     directory, _ = saved
     raises_checkpoint_error(directory / "config.json", "directory")

@@ -19,19 +19,29 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without it is a clear error, not a crash later."""
+    """`auto` picks CUDA when present; asking for CUDA without it is a clear error, not a crash later.
+
+    Only cpu and cuda[:N] are accepted: torch knows other types (meta, mps, xpu, ...) that toyllm never runs on,
+    and they would fail later with an error far from the --device that caused it. A torch.device passed in from
+    Python is trusted as is.
+    """
     if isinstance(name, torch.device):
         return name
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"unknown device '{name}'; choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError(
             f"device '{name}' requested but CUDA is not available on this machine; use --device cpu or auto"
         )
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise InvalidArgumentError(f"unknown device '{name}'; use auto, cpu or cuda") from exc
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidArgumentError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

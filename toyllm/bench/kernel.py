@@ -61,6 +61,8 @@ def kernel_bench(
     model: GPT2LMHeadModel, rows: Sequence[int] = (1, 2, 3, 5, 8, 9, 16), repeats: int = 5
 ) -> dict[str, Any]:
     """Time one pass over every Linear weight of `model` per format and per row count; see the module docstring."""
+    if repeats < 1:
+        raise InvalidArgumentError(f"--repeats must be >= 1, got {repeats}")
     kernels.require("toyllm bench kernel")
     f32 = _float32_weights(model)
     quantized = [quantize_weight(w) for w in f32]

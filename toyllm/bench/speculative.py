@@ -208,6 +208,8 @@ def run_speculative_bench(
     `draft_vocab_data` (a prepared directory) or else ids 0..n-1 (`toyllm.speculative.vocab`).
     Returns {"machine": ..., "settings": ..., "plain": {...}, "rows": [one dict per (case, K)]}.
     """
+    if not cases or not lookaheads or min(lookaheads) < 1:  # an empty run would overwrite a report with nothing
+        raise InvalidArgumentError("--cases and --lookaheads must each name at least one value, lookaheads >= 1")
     if prompts < 1 or repeats < 1 or batch < 1:
         raise InvalidArgumentError(
             f"--prompts, --batch and --repeats must be >= 1, got {prompts}, {batch} and {repeats}"

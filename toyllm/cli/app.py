@@ -57,8 +57,9 @@ def run_guarded(main: Callable[[], object]) -> int:
     except Exception as exc:  # an unexpected failure: still one line, with the way to get details
         if os.environ.get("TOYLLM_DEBUG"):
             raise
+        first = (str(exc).strip().splitlines() or [""])[0]  # some errors carry a C++ stack trace: keep one line
         err_console.print(
-            f"internal error: {type(exc).__name__}: {exc} (set TOYLLM_DEBUG=1 for the traceback)",
+            f"internal error: {type(exc).__name__}: {first} (set TOYLLM_DEBUG=1 for the traceback)",
             soft_wrap=True,
             markup=False,
         )

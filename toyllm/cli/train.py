@@ -215,9 +215,10 @@ def eval_command(
     from toyllm.device import resolve_device, resolve_dtype
     from toyllm.gpt2.model import GPT2LMHeadModel
     from toyllm.tokenizer import load_tokenizer
-    from toyllm.train.evaluate import load_eval_tokens, perplexity
+    from toyllm.train.evaluate import check_window, load_eval_tokens, perplexity
 
     target, torch_dtype = resolve_device(device), resolve_dtype(dtype)  # cheap checks before loading anything
+    check_window(stride, max_length)
     tokenizer = load_tokenizer(model)
     ids = load_eval_tokens(data, tokenizer, max_tokens)
     lm = GPT2LMHeadModel.from_pretrained(model, device=target, dtype=torch_dtype)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from toyllm.errors import ModelNotFoundError
+from toyllm.errors import InvalidArgumentError, ModelNotFoundError
 
 
 @dataclass
@@ -30,8 +31,32 @@ class GPT2Config:
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        """Check every field here, so a bad config.json or CLI override is one clear error, not a crash deep in torch.
+
+        Raises InvalidArgumentError (a ValueError); the checkpoint loader turns it into a CheckpointError.
+        """
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            value = getattr(self, name)
+            if not (name == "n_inner" and value is None) and (not _is_int(value) or value <= 0):
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise InvalidArgumentError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value < 1:
+                raise InvalidArgumentError(f"{name} must be a number in [0, 1), got {value!r}")
+        if not _is_real(self.layer_norm_epsilon) or self.layer_norm_epsilon <= 0:
+            raise InvalidArgumentError(f"layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
+        if not _is_real(self.initializer_range) or self.initializer_range < 0:
+            raise InvalidArgumentError(f"initializer_range must be a number >= 0, got {self.initializer_range!r}")
+        # Only the type and sign: small test models keep GPT-2's default ids (50256) beyond their vocabulary, and
+        # generation takes its EOS from GenerationConfig, so an out-of-vocabulary id here is harmless.
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise InvalidArgumentError(f"{name} must be a non-negative integer or null, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise InvalidArgumentError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
 
     @property
     def head_dim(self) -> int:
@@ -67,6 +92,16 @@ class GPT2Config:
         # The pre-v4 names that some tools still read.
         out["n_ctx"] = self.n_positions
         return out
+
+
+def _is_int(value: object) -> bool:
+    """An int but not a bool: JSON's `true` would otherwise pass as 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A finite int or float (JSON may write 0 for 0.0), but not a bool, a string or NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

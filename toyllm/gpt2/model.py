@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from toyllm.errors import InvalidArgumentError
 from toyllm.gpt2.config import GPT2Config
 from toyllm.kv_cache import KVCache
 
@@ -260,7 +261,7 @@ class GPT2LMHeadModel(nn.Module):
         The returned model shares every parameter with this one (no copy): it is the same modules, listed again.
         """
         if not 1 <= n_layer <= self.config.n_layer:
-            raise ValueError(f"n_layer must be in 1..{self.config.n_layer}, got {n_layer}")
+            raise InvalidArgumentError(f"a self-speculative draft takes 1..{self.config.n_layer} layers, got {n_layer}")
         config = GPT2Config(**{**self.config.__dict__, "n_layer": n_layer})
         with torch.device("meta"):  # build the skeleton without allocating; every module is replaced below
             draft = GPT2LMHeadModel(config)

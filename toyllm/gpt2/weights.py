@@ -163,8 +163,16 @@ def _load_dir(directory: Path) -> GPT2LMHeadModel:
         sharded = " (sharded checkpoints are not supported)" if any(directory.glob("*.index.json")) else ""
         raise CheckpointError(f"{directory} has no {' or '.join(WEIGHT_FILES)}{sharded}")
     state = _from_hf(_read_tensors(weights), weights)
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(config)  # a skeleton: shapes, but no memory and no time spent on random init
+    stored_blocks = {k.split(".")[2] for k in state if k.startswith("transformer.h.")}
+    if config.n_layer > len(stored_blocks):  # checked first: a damaged n_layer of 10**9 would hang the skeleton
+        raise CheckpointError(
+            f"{weights} holds {len(stored_blocks)} blocks but config.json says n_layer={config.n_layer}"
+        )
+    try:
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(config)  # a skeleton: shapes, but no memory and no time spent on random init
+    except (RuntimeError, TypeError, ValueError) as exc:  # sizes that pass the config checks but overflow torch
+        raise CheckpointError(f"{directory / CONFIG_FILE} gives sizes torch cannot build: {_one_line(exc)}") from exc
     expected = {name: t.shape for name, t in model.state_dict().items()}
     tied = config.tie_word_embeddings
     if tied:  # GPT-2 reuses wte as its output projection; a stored lm_head.weight is a copy of it

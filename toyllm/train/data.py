@@ -174,8 +174,10 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"--output {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)  # a directory without meta.json is never mistaken for a finished one
-    stream = out / ".tokens.tmp"
+    # Everything is written to temporary files first: a bad input, an error or Ctrl-C while tokenizing leaves an
+    # existing prepared directory exactly as it was. Its files are replaced only at the end, once all succeeded.
+    stream = out / ".tokens.tmp"  # the whole token stream, then (its tail cut off) the new train.bin
+    val_tmp = out / ".val.tmp"
 
     inputs_meta: list[dict[str, Any]] = []
     total = documents = 0
@@ -213,26 +215,30 @@ def prepare(
         if val_fraction > 0:
             n_val = min(max(n_val, 1), total - 1)
         n_train = total - n_val
-        _split_tail(stream, n_train, out / VAL_FILE)
+        _split_tail(stream, n_train, val_tmp)
+        corpus_hash = hashlib.sha256("".join(m["sha256"] for m in inputs_meta).encode()).hexdigest()
+        meta = token_files_meta(
+            str(getattr(tokenizer, "name", "gpt2")),
+            int(getattr(tokenizer, "vocab_size", getattr(tokenizer, "n_vocab", 50257))),
+            eos,
+            n_train,
+            n_val,
+            documents,
+            val_fraction,
+            inputs=inputs_meta,
+            sha256=corpus_hash,
+        )
+        # Only now touch what was there (as `distill` does). Without meta.json the directory is never mistaken for
+        # a finished one, so it goes first and comes back last.
+        (out / META_FILE).unlink(missing_ok=True)
         os.replace(stream, out / TRAIN_FILE)
+        os.replace(val_tmp, out / VAL_FILE)
+        _write_json_atomic(out / META_FILE, meta)
     finally:
         if pool is not None:
             pool.shutdown()
         stream.unlink(missing_ok=True)
-
-    corpus_hash = hashlib.sha256("".join(m["sha256"] for m in inputs_meta).encode()).hexdigest()
-    meta = token_files_meta(
-        str(getattr(tokenizer, "name", "gpt2")),
-        int(getattr(tokenizer, "vocab_size", getattr(tokenizer, "n_vocab", 50257))),
-        eos,
-        n_train,
-        n_val,
-        documents,
-        val_fraction,
-        inputs=inputs_meta,
-        sha256=corpus_hash,
-    )
-    _write_json_atomic(out / META_FILE, meta)
+        val_tmp.unlink(missing_ok=True)
     return PrepareResult(out, n_train, n_val, documents, meta)
 
 
@@ -253,15 +259,15 @@ def _encode_all(
 
 
 def _split_tail(stream: Path, n_train: int, val_path: Path) -> None:
-    """Copy the tokens after `n_train` to `val_path`, then cut them off `stream`: no second copy of train."""
-    tmp = val_path.with_name(val_path.name + ".tmp")
+    """Copy the tokens after `n_train` to `val_path`, then cut them off `stream`: no second copy of train.
+
+    `val_path` is a temporary file: `prepare` moves it into place only once everything else succeeded."""
     start = n_train * np.dtype(TOKEN_DTYPE).itemsize
-    with open(stream, "rb") as src, open(tmp, "wb") as dst:
+    with open(stream, "rb") as src, open(val_path, "wb") as dst:
         src.seek(start)
         while chunk := src.read(READ_BLOCK):
             dst.write(chunk)
     os.truncate(stream, start)
-    os.replace(tmp, val_path)
 
 
 def token_files_meta(

@@ -46,6 +46,29 @@ class PerplexityResult:
         return asdict(self)
 
 
+def check_window(stride: int | None, max_length: int | None) -> None:
+    """Reject a window that cannot work, before any loading. A window of fewer than 2 tokens scores nothing (its
+    step, max_length - 1, would be 0 and the loop would never end); a stride below 1 never moves. None: default."""
+    if max_length is not None and max_length < 2:
+        raise InvalidArgumentError(
+            f"max_length must be >= 2 (a window needs one token to predict from), got {max_length}"
+        )
+    if stride is not None and stride < 1:
+        raise InvalidArgumentError(f"stride must be >= 1, got {stride}")
+
+
+def _resolve_window(model: GPT2LMHeadModel, stride: int | None, max_length: int | None) -> tuple[int, int]:
+    """(stride, max_length), checked, with the defaults filled in: the model's context and half of it."""
+    check_window(stride, max_length)
+    max_length = max_length if max_length is not None else model.config.n_positions
+    stride = stride if stride is not None else max(1, max_length // 2)
+    if max_length > model.config.n_positions:
+        raise InvalidArgumentError(f"max_length {max_length} exceeds the model's context of {model.config.n_positions}")
+    if not 1 <= stride <= max_length:
+        raise InvalidArgumentError(f"stride must be in 1..{max_length} (the window length), got {stride}")
+    return stride, max_length
+
+
 @torch.no_grad()
 def sliding_window_nll(
     model: GPT2LMHeadModel,
@@ -58,12 +81,7 @@ def sliding_window_nll(
 
     `max_length` defaults to the model's context, `stride` to half of `max_length` (512 for GPT-2).
     """
-    max_length = max_length or model.config.n_positions
-    stride = stride if stride is not None else max(1, max_length // 2)
-    if max_length > model.config.n_positions:
-        raise InvalidArgumentError(f"max_length {max_length} exceeds the model's context of {model.config.n_positions}")
-    if not 1 <= stride <= max_length:
-        raise InvalidArgumentError(f"stride must be in 1..{max_length} (the window length), got {stride}")
+    stride, max_length = _resolve_window(model, stride, max_length)
     if ids.numel() < 2:
         raise DataError("the text has fewer than 2 tokens: nothing to predict")
     device = next(model.parameters()).device
@@ -97,8 +115,7 @@ def perplexity(
     on_window: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
     """Perplexity and bits per byte of a token sequence (bytes are those of the scored tokens, EOS excluded)."""
-    max_length = max_length or model.config.n_positions
-    stride = stride if stride is not None else max(1, max_length // 2)
+    stride, max_length = _resolve_window(model, stride, max_length)
     nll, scored, windows = sliding_window_nll(model, ids, stride, max_length, on_window)
     scored_ids = [i for i in ids[1:].tolist() if i != tokenizer.eos_token_id]
     n_bytes = len(tokenizer.decode_bytes(scored_ids))
@@ -116,19 +133,23 @@ def perplexity(
 
 
 def load_eval_tokens(path: str | Path, tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
-    """Tokens to evaluate: a text file (tokenized here, block by block), or a prepared directory's val.bin."""
+    """Tokens to evaluate: a text file (tokenized here, block by block), or a prepared directory's val.bin.
+
+    `max_tokens` None means all; otherwise it must be >= 1 (0 used to mean "all" and -1 to drop the last token)."""
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidArgumentError(f"max_tokens must be >= 1, got {max_tokens}")
     source = Path(path).expanduser()
     if source.is_dir():
         data = PreparedData.open(source)
         tokens: np.ndarray = data.val if len(data.val) > 0 else data.train
-        ids = torch.from_numpy(np.asarray(tokens[:max_tokens] if max_tokens else tokens, dtype=np.int64))
+        ids = torch.from_numpy(np.asarray(tokens[:max_tokens], dtype=np.int64))
     elif source.is_file():
         pieces: list[int] = []
         for piece in iter_pieces(iter_text(source)):
             pieces.extend(tokenizer.encode(piece))
-            if max_tokens and len(pieces) >= max_tokens:
+            if max_tokens is not None and len(pieces) >= max_tokens:
                 break
-        ids = torch.tensor(pieces[:max_tokens] if max_tokens else pieces, dtype=torch.long)
+        ids = torch.tensor(pieces[:max_tokens], dtype=torch.long)
     else:
         raise DataError(f"evaluation data not found: {source} (a text file or a directory from `toyllm prepare`)")
     if ids.numel() < 2:

@@ -118,7 +118,13 @@ class Trainer:
         self.run_dir = Path(config.out_dir).expanduser()
         self.data = PreparedData.open(config.data)
 
-        resume_from = ckpt.latest_checkpoint(self.run_dir) if config.resume else None
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if existing is not None and not config.resume:  # a new run here would overwrite and mix in the old one's
+            raise InvalidArgumentError(
+                f"{self.run_dir} already holds a run's checkpoints ({existing.name}): pass --resume to continue it, "
+                "or choose another --out"
+            )
+        resume_from = existing if config.resume else None
         state = ckpt.load_training_state(resume_from) if resume_from is not None else None
         if state is not None:
             check_compatible(state["config"], config, state.get("world_size", 1), self.ctx.world_size, self.console)
