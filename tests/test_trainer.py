@@ -175,6 +175,33 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, t
     assert not torch.isnan(GPT2LMHeadModel.from_pretrained(good).transformer.wte.weight).any()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(num_epochs=math.inf), "num_epochs must be a finite number"),
+        (dict(max_steps=None, num_epochs=float("nan")), "num_epochs must be a finite number"),
+        (dict(learning_rate=math.inf), "learning_rate must be a finite number"),
+        (dict(weight_decay=math.nan), "weight_decay must be a finite number"),
+        (dict(grad_clip=math.inf), "grad_clip must be a finite number"),
+        (dict(seed=2**64), "seed must be in"),
+        (dict(sample_prompt="", sample_tokens=4), "sample prompt is empty"),
+    ],
+    ids=["epochs-inf", "epochs-nan", "lr-inf", "wd-nan", "clip-inf", "seed", "empty-prompt"],
+)
+def test_values_that_would_fail_mid_run_are_refused_up_front(tmp_path, override, message):
+    """Each of these used to be accepted, then crash or train nonsense later (an empty sample prompt only at the
+    first evaluation, after steps that no checkpoint kept)."""
+    overrides = {"max_steps": None, **override} if "num_epochs" in override else override
+    with pytest.raises(InvalidArgumentError, match=message):
+        tiny_config(tmp_path, tmp_path / "run", **overrides).validate()
+
+
+def test_out_must_be_a_directory(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InvalidArgumentError, match="exists and is not a directory"):
+        tiny_config(tmp_path, tmp_path / "afile").validate()
+
+
 def test_configuration_errors(data, tmp_path):
     with pytest.raises(InvalidArgumentError, match="grad_accum must be >= 1"):
         train(tiny_config(data, tmp_path / "r", grad_accum=0))

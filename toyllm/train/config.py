@@ -8,7 +8,9 @@ drawn as random windows, so an epoch is a budget rather than one pass in order).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,8 +113,17 @@ class TrainConfig:
         budgets = [n for n in ("max_steps", "max_tokens", "num_epochs") if getattr(self, n) is not None]
         if len(budgets) > 1:
             raise InvalidArgumentError(f"give only one of max_steps, max_tokens, num_epochs (got {', '.join(budgets)})")
-        if self.num_epochs is not None and not self.num_epochs > 0:
-            raise InvalidArgumentError(f"num_epochs must be > 0, got {self.num_epochs}")
+        if self.num_epochs is not None and not 0 < self.num_epochs < math.inf:
+            raise InvalidArgumentError(f"num_epochs must be a finite number > 0, got {self.num_epochs}")
+        for name in ("learning_rate", "weight_decay", "grad_clip", "min_lr_ratio"):  # NaN and inf pass the range checks
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidArgumentError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch's generators take
+            raise InvalidArgumentError(f"seed must be in -2**63..2**64 - 1, got {self.seed}")
+        if not self.sample_prompt and self.sample_tokens > 0:  # found out only at the first evaluation otherwise
+            raise InvalidArgumentError("the sample prompt is empty: give --sample-prompt TEXT or --sample-tokens 0")
+        if Path(self.out_dir).expanduser().exists() and not Path(self.out_dir).expanduser().is_dir():
+            raise InvalidArgumentError(f"--out {self.out_dir} exists and is not a directory")
         if self.precision not in PRECISIONS:
             raise InvalidArgumentError(f"precision must be 32, bf16 or 16, got '{self.precision}'")
         if not self.learning_rate > 0:
