@@ -53,6 +53,12 @@ def test_sliding_window_matches_its_definition(small, stride):
     assert nll == pytest.approx(brute_force_nll(small, ids, stride, 32), rel=1e-5)
 
 
+def test_ids_outside_the_vocabulary_are_a_clear_error(small):
+    ids = torch.tensor([1, 2, small.config.vocab_size])  # data prepared with another model's tokenizer
+    with pytest.raises(InvalidArgumentError, match="outside the model's vocabulary"):
+        sliding_window_nll(small, ids, stride=4)
+
+
 def test_short_text_is_one_forward(small):
     ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -257,6 +257,16 @@ def test_invalid_config_is_rejected(kwargs: dict[str, float]) -> None:
         generate(tiny_model(), prompts(1, 3)[0], GenerationConfig(**kwargs))  # type: ignore[arg-type]
 
 
+def test_token_ids_outside_the_vocabulary_are_one_error() -> None:
+    """A tokenizer (or data) of another model gives ids the embedding cannot look up: a clear error, not IndexError."""
+    model = tiny_model()
+    vocab = model.config.vocab_size
+    for bad, draft in [(vocab, None), (-1, None), (vocab + 5, model)]:  # plain, and speculative decoding
+        ids = torch.tensor([[1, bad, 2]])
+        with pytest.raises(InvalidArgumentError, match=f"token id {bad}, outside the model's vocabulary of {vocab}"):
+            generate(model, ids, GenerationConfig(max_new_tokens=2), draft_model=draft)
+
+
 def test_empty_prompt_is_rejected() -> None:
     with pytest.raises(InvalidArgumentError, match="empty"):
         encode_prompts(ByteTokenizer(), [""], 0)

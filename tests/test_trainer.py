@@ -119,6 +119,21 @@ def test_a_new_run_will_not_overwrite_an_old_one(data, tmp_path):
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
+def test_a_damaged_training_state_is_one_error_on_resume(data, tmp_path):
+    """A training_state.pt of the right version but missing a key, or holding the wrong type, stops --resume with a
+    CheckpointError naming the key (it was a KeyError halfway through restoring)."""
+    from toyllm.train.checkpoint import STATE_FILE
+
+    run = tmp_path / "run"
+    train(tiny_config(data, run, max_steps=2, eval_interval=2))
+    path = latest_checkpoint(run) / STATE_FILE
+    good = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in [("config", None), ("step", "two"), ("rng", {"cpu": 1})]:
+        torch.save({**good, key: value} if value is not None else {k: v for k, v in good.items() if k != key}, path)
+        with pytest.raises(CheckpointError, match=f"damaged: its '{key}'"):
+            train(tiny_config(data, run, max_steps=3, eval_interval=3, resume=True))
+
+
 def test_checkpoint_loads_in_generate_and_transformers(data, tmp_path):
     transformers = pytest.importorskip("transformers")
     train(tiny_config(data, tmp_path / "run", max_steps=2, eval_interval=2))

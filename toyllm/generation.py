@@ -285,6 +285,7 @@ def token_source(
     stats: GenerationStats | None = None,
 ) -> Iterator[torch.Tensor]:
     """Plain decoding, or speculative decoding when a draft model is given. Yields (B, n) tokens per step."""
+    check_token_ids(input_ids, model, "prompt")  # padding too: the model embeds every position
     if draft_model is None:
         return stream_tokens(model, input_ids, config, attention_mask=attention_mask, tokenizer=tokenizer, stats=stats)
     from toyllm.speculative import batch_speculative_stream, speculative_stream
@@ -295,6 +296,18 @@ def token_source(
             model, draft_model, input_ids, config, attention_mask=attention_mask, tokenizer=tokenizer, stats=stats
         )
     return speculative_stream(model, draft_model, input_ids, config, tokenizer=tokenizer, stats=stats)
+
+
+def check_token_ids(ids: torch.Tensor, model: GPT2LMHeadModel, what: str) -> None:
+    """Token ids outside the model's vocabulary (a tokenizer or data that belongs to another model) would stop
+    the embedding lookup with an IndexError; say what is wrong instead."""
+    vocab = model.config.vocab_size
+    if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < vocab):
+        bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+        raise InvalidArgumentError(
+            f"the {what} holds token id {bad}, outside the model's vocabulary of {vocab} tokens: "
+            "does the tokenizer (or the data) belong to this model?"
+        )
 
 
 def generate(

@@ -103,7 +103,26 @@ def load_training_state(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path} was written by an incompatible version of toyllm")
+    # A file of the right version can still be damaged or hand-made: check what resuming reads, so it fails here
+    # with one line instead of with a KeyError halfway through restoring.
+    for key, kinds in _STATE_FIELDS.items():
+        if not isinstance(state.get(key), kinds) or isinstance(state.get(key), bool):
+            raise CheckpointError(f"{path} is damaged: its '{key}' is missing or of the wrong type")
     return state
+
+
+_STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "tokens_seen": int,
+    "best_val_loss": (int, float, type(None)),  # None: saved before the first evaluation
+    "elapsed_s": (int, float),
+    "config": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "sampler": dict,
+    "rng": list,
+}
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toyllm.generation import check_token_ids
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.train.data import PreparedData, iter_pieces, iter_text
 from toyllm.train.errors import DataError, InvalidArgumentError
@@ -84,6 +85,7 @@ def sliding_window_nll(
     stride, max_length = _resolve_window(model, stride, max_length)
     if ids.numel() < 2:
         raise DataError("the text has fewer than 2 tokens: nothing to predict")
+    check_token_ids(ids, model, "evaluation text")
     device = next(model.parameters()).device
     model.eval()
     seq_len = ids.numel()
