@@ -23,7 +23,7 @@ import torch
 from toyllm.errors import InvalidArgumentError
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
-from toyllm.sampling import process_logits, sample, validate_sampling
+from toyllm.sampling import process_logits, sample, validate_sampling, validate_seed
 
 LOOKAHEAD_SCHEDULES = ("constant", "heuristic", "threshold")
 
@@ -58,8 +58,7 @@ class GenerationConfig:
         validate_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         if self.max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch's generators take
-            raise InvalidArgumentError(f"seed must be in -2**63..2**64 - 1, got {self.seed}")
+        validate_seed(self.seed)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise InvalidArgumentError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.window_keep is not None and self.window_keep < 1:
@@ -302,8 +301,11 @@ def check_token_ids(ids: torch.Tensor, model: GPT2LMHeadModel, what: str) -> Non
     """Token ids outside the model's vocabulary (a tokenizer or data that belongs to another model) would stop
     the embedding lookup with an IndexError; say what is wrong instead."""
     vocab = model.config.vocab_size
-    if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < vocab):
-        bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+    if not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())  # (each is a device sync on a GPU: read once)
+    if low < 0 or high >= vocab:
+        bad = high if high >= vocab else low
         raise InvalidArgumentError(
             f"the {what} holds token id {bad}, outside the model's vocabulary of {vocab} tokens: "
             "does the tokenizer (or the data) belong to this model?"

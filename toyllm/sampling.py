@@ -110,6 +110,12 @@ def sample(processed: torch.Tensor, temperature: float, generator: torch.Generat
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def validate_seed(seed: int | None) -> None:
+    """A seed torch's generators can take (None: unseeded); beyond that range torch fails with a bare overflow."""
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise InvalidArgumentError(f"seed must be in -2**63..2**64 - 1, got {seed}")
+
+
 def validate_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
     """Reject values that would silently produce garbage, with a message that says the allowed range."""
     if not temperature >= 0:  # also catches NaN

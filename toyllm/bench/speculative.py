@@ -274,7 +274,7 @@ def run_speculative_bench(
         prompt_ids = [torch.randint(0, V, shape, generator=generator).to(dev) for _ in range(prompts)]
 
     def config(lookahead: int = 4, schedule: str = "constant") -> GenerationConfig:
-        """Plain sampling without top-k, EOS ignored, so that every run makes exactly `new_tokens`."""
+        """Plain sampling without top-k, EOS ignored, so that every run makes exactly max_new_tokens."""
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from toyllm.sampling import validate_seed
 from toyllm.train.errors import InvalidArgumentError
 
 # --precision values: "32" trains in float32; "bf16" and "16" run matmuls under autocast in that type while the
@@ -118,11 +119,11 @@ class TrainConfig:
         for name in ("learning_rate", "weight_decay", "grad_clip", "min_lr_ratio"):  # NaN and inf pass the range checks
             if not math.isfinite(getattr(self, name)):
                 raise InvalidArgumentError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if not -(2**63) <= self.seed < 2**64:  # what torch's generators take
-            raise InvalidArgumentError(f"seed must be in -2**63..2**64 - 1, got {self.seed}")
+        validate_seed(self.seed)
         if not self.sample_prompt and self.sample_tokens > 0:  # found out only at the first evaluation otherwise
             raise InvalidArgumentError("the sample prompt is empty: give --sample-prompt TEXT or --sample-tokens 0")
-        if Path(self.out_dir).expanduser().exists() and not Path(self.out_dir).expanduser().is_dir():
+        out = Path(self.out_dir).expanduser()
+        if out.exists() and not out.is_dir():
             raise InvalidArgumentError(f"--out {self.out_dir} exists and is not a directory")
         if self.precision not in PRECISIONS:
             raise InvalidArgumentError(f"precision must be 32, bf16 or 16, got '{self.precision}'")
