@@ -4,6 +4,7 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh                  # the real run: DEVICE=cuda, full sizes, tests first
 #   SKIP_TESTS=1 DEADLINE=295 OUT=/some/dir bash scripts/gpu_check.sh   # benchmarks only, in about 5 minutes
 #   DEVICE=cpu SMOKE=1 OUT=/tmp/x bash scripts/gpu_check.sh   # a quick dry run of the same steps on the CPU
+#   PAIR_ONLY=1 TESTS_K='speculative or kv_cache' ...           # only the trained pair, then only the tests -k picks
 #
 # Steps run in order of priority, each under its own time limit and all under DEADLINE seconds, so that one slow
 # step cannot take the others with it; results are packed into $OUT/gpu_results.tgz after every step. The tests
@@ -57,7 +58,8 @@ fi
 pick() { if [ "$SMOKE" = 1 ]; then echo "$1"; else echo "$2"; fi; }
 
 step env 60 "nvidia-smi || true; python3 -c 'import torch, transformers, sys; print(sys.version); print(torch.__version__, transformers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
+TESTS_K=${TESTS_K:-}  # a pytest -k expression: with it, the (then shorter) tests run after the trained pair's benches
+if [ "${SKIP_TESTS:-0}" != 1 ] && [ -z "$TESTS_K" ]; then
   step tests 480 "python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider"
 fi
 
@@ -89,6 +91,10 @@ step train_draft 90 "toyllm train --data .gpu/data-shakespeare --out $D/draft --
   --prompt-file .gpu/tinyshakespeare.txt --prompts 4 --repeats $REP -n $(pick 8 96) --lookaheads 2,4,8 \
   --schedules constant,threshold --device $DEVICE --out $W/spec_trained_reversed"
 [ "$PAIR" = 1 ] || echo "trained pair: a step failed, later ones skipped" >> "$W/steps.txt"
+if [ -n "$TESTS_K" ]; then
+  step tests 480 "python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -k '$TESTS_K'"
+fi
+if [ "${PAIR_ONLY:-0}" = 1 ]; then cat "$W/steps.txt"; cp "$W/steps.txt" "$OUT/"; exit 0; fi
 step spec_random 150 "toyllm bench speculative --target $MED --draft $SMALL --cases draft,same,self --lookaheads 2,4,8 \
   --device $DEVICE -n $(pick 8 64) --prompts 2 --repeats $REP --out $W/spec_random"
 

@@ -163,9 +163,13 @@ class _StopChecker:
     def update_row(self, row: int, generated: torch.Tensor) -> None:
         """`update` for one row that has just emitted one token (rows of a batched speculative round emit different
         numbers of tokens); generated: (G,) that row's new tokens so far."""
-        eos = self.eos is not None and int(generated[-1]) == self.eos
-        if eos or (self.stop and self._stop_string_in(generated[-self.tail - 1 :])):
+        if self.stops_at(int(generated[-1]), generated):
             self.finished[row] = True
+
+    def stops_at(self, token: int, generated: torch.Tensor) -> bool:
+        """Whether a row that has just emitted `token` (a host int, the last of its new tokens `generated`, (G,))
+        ends there. The EOS test reads the int: no kernel and no device sync, unless stop strings need the text."""
+        return token == self.eos or bool(self.stop) and self._stop_string_in(generated[-self.tail - 1 :])
 
     def _stop_string_in(self, tail: torch.Tensor) -> bool:
         assert self.tokenizer is not None

@@ -374,13 +374,15 @@ class BatchSpeculativeDecoder:
         """Every live row runs the acceptance rule on its own drafts and emits what it keeps plus one token."""
         s = self.stats
         p = None if self.greedy else logits_to_probs(scores, self.config.temperature)  # (B, k + 1, V)
-        target_tokens = greedy(scores) if self.greedy else None  # (B, k + 1)
+        # At temperature 0, every row's argmaxes and drafts read to the host at once (each read is a sync on a GPU).
+        target_tokens = greedy(scores).tolist() if self.greedy else None  # (B, k + 1)
+        draft_ids = drafts.tolist() if self.greedy else None  # (B, k)
         kept = [0] * len(live)
         for b, is_live in enumerate(live):
             if not is_live:
                 continue
-            if target_tokens is not None:
-                n, nxt = verify_greedy(drafts[b], target_tokens[b])
+            if target_tokens is not None and draft_ids is not None:
+                n, nxt = verify_greedy(draft_ids[b], target_tokens[b])
             else:
                 assert p is not None
                 n, nxt = self._verify(drafts[b], q[b], p[b], self.generator)

@@ -190,12 +190,12 @@ class SpeculativeDecoder:
                 dw.slide(L)
             k = min(k, dw.start + dw.size - L + 1)
 
-        confidences, q = self._propose(k)
-        k = len(confidences)
+        confidences, q, drafts = self._propose(k)
+        k = len(drafts)
         verified = self.stats.verify_seconds
         scores = self._target_scores(k)  # (k + 1, V) processed logits
         if self.greedy:  # p and q are one-hots: compare argmaxes (verify_greedy), no distributions needed
-            n, nxt = verify_greedy(self.tokens[L : L + k], greedy(scores))
+            n, nxt = verify_greedy(drafts, greedy(scores).tolist())
         else:
             p = logits_to_probs(scores, cfg.temperature)  # (k + 1, V)
             n, nxt = self._verify(self.tokens[L : L + k], q, p, self.generator)
@@ -203,7 +203,7 @@ class SpeculativeDecoder:
         tw.rollback(L + n)  # the cache keeps the last token out, so it stays one behind: tokens[start : L + n]
         dw.rollback(L + n)
 
-        emitted = self._emit(n + 1)
+        emitted = self._emit([*drafts[:n], nxt])
         s = self.stats
         s.rounds += 1
         s.proposed += k
@@ -218,16 +218,23 @@ class SpeculativeDecoder:
         self.schedule.update(k, n, confidences, c if math.isfinite(c) else None, s.verify_seconds - verified)
         return self.tokens[L : L + emitted]
 
-    def _emit(self, n: int) -> int:
-        """Advance over n new tokens one at a time, stopping right after EOS, a stop string or max_new_tokens."""
-        for i in range(n):
+    def _emit(self, new_ids: list[int]) -> int:
+        """Advance over the round's new tokens one at a time, stopping right after EOS, a stop string or
+        max_new_tokens; return how many were emitted.
+
+        The tokens come as host ints (the round had to read them anyway): testing them on the device cost a few
+        kernel launches and a sync per token, a visible share of a round when a small model runs on a GPU.
+        """
+        for i, token in enumerate(new_ids):
             self.length += 1
-            new = self.tokens[None, self.length - 1 : self.length]  # (1, 1)
-            self.stopper.update(new, self.tokens[None, self.prompt_length : self.length])
-            if bool(self.stopper.finished.all()) or self.length - self.prompt_length >= self.config.max_new_tokens:
+            generated = self.tokens[self.prompt_length : self.length]  # (G,), read only for stop strings
+            if (
+                self.stopper.stops_at(token, generated)
+                or self.length - self.prompt_length >= self.config.max_new_tokens
+            ):
                 self.done = True
                 return i + 1
-        return n
+        return len(new_ids)
 
     # -- the draft ---------------------------------------------------------------------------------------------
 
@@ -246,14 +253,16 @@ class SpeculativeDecoder:
             valid=valid,
         )
 
-    def _propose(self, k: int) -> tuple[list[float], torch.Tensor]:
-        """Let the draft write up to k tokens at tokens[L : L + k]; return their confidences and q, (k, V).
+    def _propose(self, k: int) -> tuple[list[float], torch.Tensor, list[int]]:
+        """Let the draft write up to k tokens at tokens[L : L + k]; return their confidences, q, (k, V), and the
+        tokens themselves as host ints.
 
         At temperature 0 q is (0, V): greedy verification compares tokens and needs no distributions.
         """
         L, dw = self.length, self.draft_window
         self.schedule.start_round()
         confidences: list[float] = []
+        drafts: list[int] = []
         qs: list[torch.Tensor] = []
         for i in range(1, k + 1):
             pos = L + i - 1  # index of the token to propose
@@ -269,10 +278,11 @@ class SpeculativeDecoder:
                 token, q = self._draft_token(logits, processed)
                 qs.append(q)
             self.tokens[pos] = token
+            drafts.append(token)
             confidences.append(confidence)
         V = self.target.config.vocab_size
         q = torch.stack(qs) if qs else self.tokens.new_zeros(0, V, dtype=torch.float32)
-        return confidences, q
+        return confidences, q, drafts
 
     def _draft_token(self, logits: torch.Tensor, processed: torch.Tensor) -> tuple[int, torch.Tensor]:
         """Sample a draft token and return it with q, EXACTLY the distribution it was sampled from, (V,).

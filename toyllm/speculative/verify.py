@@ -20,6 +20,8 @@ them cost more per round than a small draft's forward).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -60,13 +62,15 @@ def verify_drafts(
     return K, draw(p[K], generator)
 
 
-def verify_greedy(drafts: torch.Tensor, target_tokens: torch.Tensor) -> tuple[int, int]:
+def verify_greedy(drafts: Sequence[int] | torch.Tensor, target_tokens: Sequence[int] | torch.Tensor) -> tuple[int, int]:
     """`verify_drafts` for one-hot p and q: accept while a draft equals the target's argmax, then emit the argmax.
 
     drafts: (K,); target_tokens: (K + 1,) the target's greedy token at each position. With one-hots, p(x)/q(x) is 1
     when x is the target's argmax and 0 otherwise, and the residual max(0, p - q) is the one-hot on the argmax.
+    Host ints are compared on the host: on a GPU each read of a device tensor is a sync.
     """
-    K = drafts.shape[0]
-    matches = (drafts == target_tokens[:K]).tolist()
-    n = matches.index(False) if False in matches else K
-    return n, int(target_tokens[n])
+    draft_ids = drafts.tolist() if isinstance(drafts, torch.Tensor) else list(drafts)
+    target_ids = target_tokens.tolist() if isinstance(target_tokens, torch.Tensor) else list(target_tokens)
+    K = len(draft_ids)
+    n = next((i for i in range(K) if draft_ids[i] != target_ids[i]), K)
+    return n, int(target_ids[n])
