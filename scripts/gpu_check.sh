@@ -58,7 +58,7 @@ fi
 pick() { if [ "$SMOKE" = 1 ]; then echo "$1"; else echo "$2"; fi; }
 
 step env 60 "nvidia-smi || true; python3 -c 'import torch, transformers, sys; print(sys.version); print(torch.__version__, transformers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
-TESTS_K=${TESTS_K:-}  # a pytest -k expression: with it, the (then shorter) tests run after the trained pair's benches
+TESTS_K=${TESTS_K:-}  # a pytest -k expression (no single quotes): with it, those tests run after the trained pair, SKIP_TESTS or not
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ -z "$TESTS_K" ]; then
   step tests 480 "python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider"
 fi

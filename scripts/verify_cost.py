@@ -3,7 +3,8 @@
 The speedup formula prices a forward over K + 1 tokens at one target step (v = 1). On a GPU a small model is bound
 by kernel launches, so v is set by how many kernels (and how much Python) a multi-token forward adds: this script
 times a forward of T tokens over a cache of `--past` tokens, for T = 1 and T = K + 1, with the bottom-right causal
-mask given to SDPA in three forms, and a plain greedy decoding step for reference. Outside CI:
+mask given to SDPA in three forms (the library's dense bool mask, SDPA's `causal_lower_right` object, a dense float
+mask), and a plain greedy decoding step for reference. Outside CI:
 
     python scripts/verify_cost.py --device cuda            # 6-layer, 384-wide random model (the trained pair's shape)
 """
@@ -18,9 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 import toyllm.gpt2.model as model_module
-from toyllm.generation import GenerationConfig, _sync, generate
+from toyllm.generation import GenerationConfig, GenerationStats, _sync, generate
 from toyllm.gpt2.config import GPT2Config
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
@@ -29,10 +31,12 @@ MaskFn = Callable[[int, int, Any, torch.device], tuple[Any, bool]]
 _default: MaskFn = model_module.build_attention_mask
 
 
-def _dense_bool(T: int, past: int, key_padding: Any, device: torch.device) -> tuple[Any, bool]:
+def _lower_right(T: int, past: int, key_padding: Any, device: torch.device) -> tuple[Any, bool]:
+    """SDPA's mask object (flash / memory-efficient kernels align it natively); not in the library, as it breaks
+    torch.compile(fullgraph=True) and autocast's dtype handling."""
     if key_padding is not None or past == 0 or T == 1:
         return _default(T, past, key_padding, device)
-    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past), False  # (T, S)
+    return causal_lower_right(T, past + T), False
 
 
 def _dense_float(T: int, past: int, key_padding: Any, device: torch.device) -> tuple[Any, bool]:
@@ -42,7 +46,7 @@ def _dense_float(T: int, past: int, key_padding: Any, device: torch.device) -> t
     return torch.zeros(T, past + T, device=device).masked_fill(~allowed, float("-inf")), False
 
 
-MASKS: dict[str, MaskFn] = {"library": _default, "dense-bool": _dense_bool, "dense-float": _dense_float}
+MASKS: dict[str, MaskFn] = {"library": _default, "lower-right": _lower_right, "dense-float": _dense_float}
 
 
 def time_forward(model: GPT2LMHeadModel, T: int, past: int, repeats: int) -> float:
@@ -63,19 +67,18 @@ def time_forward(model: GPT2LMHeadModel, T: int, past: int, repeats: int) -> flo
 
 
 def time_plain_step(model: GPT2LMHeadModel, past: int, new: int) -> float:
-    """Seconds per token of plain greedy decoding (forward, sampling, stop checks), after a prompt of `past`."""
+    """Seconds per decoding step of plain greedy decoding (forward, sampling, stop checks), the prompt's prefill of
+    `past` tokens left out, as the speculative bench counts a step."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, past), device=device)
     config = GenerationConfig(max_new_tokens=new, temperature=0.0, eos_token_id=None)
     generate(model, ids, config)  # warm-up
     best = float("inf")
     for _ in range(3):
-        _sync(device)
-        start = time.perf_counter()
-        generate(model, ids, config)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best / new
+        stats = GenerationStats()
+        generate(model, ids, config, stats=stats)
+        best = min(best, stats.decode_seconds / (stats.new_tokens - 1))  # the first token comes from the prefill
+    return best
 
 
 def main() -> None:
@@ -106,7 +109,7 @@ def main() -> None:
                 t = time_forward(model, T, args.past, args.repeats)
                 results[f"{name}_T{T}_ms"] = 1e3 * t
                 print(f"{name:12s} T={T}: {1e3 * t:.3f} ms = {t / one:.2f} x one token = {t / step:.2f} x a step")
-        model_module.build_attention_mask = _default
+        model_module.build_attention_mask = _default  # type: ignore[assignment]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

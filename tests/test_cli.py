@@ -195,6 +195,11 @@ def test_unknown_preset(cli) -> None:
 def test_missing_checkpoint_directory(cli, tmp_path: Path) -> None:
     cli("generate", "Hello", "--model", str(tmp_path / "nowhere")).assert_one_line_error("nowhere")
     cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "nothere")).assert_one_line_error("nothere")
+    # A path that exists but holds no vocabulary was silently read as standard GPT-2.
+    (tmp_path / "weights.bin").write_bytes(b"")
+    cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "weights.bin")).assert_one_line_error("not a file")
+    (tmp_path / "empty").mkdir()
+    cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "empty")).assert_one_line_error("no vocab.json")
 
 
 def test_local_checkpoint(cli, checkpoint: Path) -> None:
@@ -271,3 +276,11 @@ def test_download_rejects_a_random_model(cli) -> None:
 def test_download_of_a_local_directory_prints_it(cli, checkpoint: Path) -> None:
     result = cli("download", str(checkpoint))
     assert result.code == 0 and result.out.strip() == str(checkpoint)
+
+
+@pytest.mark.parametrize("command", [["bench"], ["bench", "speculative"], ["bench", "kernel"], ["bench", "sweep"]])
+def test_bench_output_folder_blocked_by_a_file_is_refused_before_the_run(cli, tmp_path: Path, command) -> None:
+    """A file where --out should be a folder was found only after the whole run, when the report was written."""
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        cli(*command, "--out", str(out)).assert_one_line_error("is a file, not a directory")

@@ -55,6 +55,29 @@ def test_preset_override_that_does_not_divide() -> None:
         build_model(TrainConfig(model="random:gpt2-tiny", n_head=3))
 
 
+@pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-xl", "gpt2-tiny"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_is_what_the_model_builds(preset: str, tied: bool) -> None:
+    """The count the size guard reads, against the parameters a built model holds (gpt2-xl on the meta device)."""
+    config = GPT2Config.from_name(preset, tie_word_embeddings=tied, n_inner=None if tied else 1000)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    assert config.parameter_count == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("change", [{"n_layer": 10**20}, {"n_layer": 120_000, "n_embd": 128}, {"n_embd": 2**40}])
+def test_absurd_sizes_are_refused_before_anything_is_built(change: dict[str, Any]) -> None:
+    """A mistyped size (--n-layer 120000) filled memory while building the model, then crashed."""
+    with pytest.raises(InvalidArgumentError, match="parameters"):
+        GPT2Config(**{**SMALL, "n_head": 1, **change})
+
+
+def test_train_with_a_mistyped_layer_count_is_one_error() -> None:
+    """What `toyllm train --model random:gpt2-tiny --n-layer 100000000000000000000` builds: nothing, one error."""
+    with pytest.raises(InvalidArgumentError, match="parameters"):
+        build_model(TrainConfig(model="random:gpt2-tiny", n_layer=10**20))
+
+
 @pytest.mark.parametrize("change", [{"n_head": 0}, {"vocab_size": 50257.0}, {"n_layer": [2]}])
 def test_generate_with_damaged_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any]
@@ -91,3 +114,10 @@ def test_generate_on_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
     code = run_app(["generate", "Hi", "--model", "random:gpt2-tiny", "--device", "meta"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "cuda:N" in err, err
+
+
+@pytest.mark.parametrize("name", ["grad_accum", "batch_size", "eval_iters", "max_steps"])
+def test_train_counts_past_int64_are_one_error(name: str) -> None:
+    """`--grad-accum 100000000000000000000` ended in an OverflowError inside torch."""
+    with pytest.raises(InvalidArgumentError, match=f"{name} must be below 2\\*\\*63"):
+        TrainConfig(data="d", **{name: 10**20}).validate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -69,6 +70,33 @@ def test_resume_continues_bitwise(data, tmp_path):
     assert steps == sorted(steps) and steps.count(3) == 1  # the interrupted run's step-3 record was dropped
 
 
+def test_token_ids_beyond_the_vocabulary_are_one_error(data, tmp_path):
+    """A train.bin of the right size whose ids run past the vocabulary (damage, or another tokenizer's data) stopped
+    the embedding with an IndexError; now the first batch that holds one is a DataError."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    size = (bad / "train.bin").stat().st_size
+    (bad / "train.bin").write_bytes(b"\xff" * size)  # uint16 id 65535, beyond GPT-2's 50257
+    with pytest.raises(DataError, match="token id 65535, outside the model's vocabulary of 50257"):
+        train(tiny_config(bad, tmp_path / "run", max_steps=1, eval_interval=1))
+
+
+def test_a_damaged_metrics_log_does_not_stop_resume(data, tmp_path):
+    """Lines that are not records (binary junk, a list, a step that is not a number) are dropped on --resume; the
+    records around them are kept. (A `[1, 2]` line stopped the resume with an AttributeError.)"""
+    run = tmp_path / "run"
+    train(tiny_config(data, run, max_steps=2, eval_interval=2))
+    log = run / "metrics.jsonl"
+    good = log.read_bytes()
+    log.write_bytes(good + b"\xff\xfe junk\n[1, 2]\n" + b'{"kind": "train", "step": "three", "loss": 1.0}\n')
+    result = train(tiny_config(data, run, max_steps=3, eval_interval=3, resume=True))
+    assert result.steps == 3
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+
+
 def test_kill_during_save_keeps_previous_checkpoint(data, tmp_path):
     """A process killed (os._exit, no cleanup) in the middle of writing a checkpoint."""
     script = textwrap.dedent(
@@ -132,6 +160,19 @@ def test_a_damaged_training_state_is_one_error_on_resume(data, tmp_path):
         torch.save({**good, key: value} if value is not None else {k: v for k, v in good.items() if k != key}, path)
         with pytest.raises(CheckpointError, match=f"damaged: its '{key}'"):
             train(tiny_config(data, run, max_steps=3, eval_interval=3, resume=True))
+
+
+def test_a_damaged_vocabulary_stops_a_fine_tune_before_its_first_step(data, tmp_path):
+    """The checkpoint being fine-tuned has a broken vocab.json: with samples on, the run stops at setup with a
+    CheckpointError (it was found at the first evaluation, after unsaved steps); with samples off it is not read."""
+    train(tiny_config(data, tmp_path / "base", max_steps=1, eval_interval=1))
+    base = tmp_path / "base" / "best"
+    (base / "vocab.json").write_text('{"broken": ')
+    config = tiny_config(data, tmp_path / "ft", model=str(base), n_layer=None, n_head=None, n_embd=None, max_steps=1)
+    with pytest.raises(CheckpointError, match="unreadable tokenizer files"):
+        Trainer(dataclasses.replace(config, sample_tokens=4))
+    assert not (tmp_path / "ft" / "metrics.jsonl").exists()
+    assert train(config).steps == 1
 
 
 def test_checkpoint_loads_in_generate_and_transformers(data, tmp_path):

@@ -26,6 +26,9 @@ from toyllm.kv_cache import KVCache
 from toyllm.sampling import process_logits, sample, validate_sampling, validate_seed
 
 LOOKAHEAD_SCHEDULES = ("constant", "heuristic", "threshold")
+# A bound on one call's new tokens: generation preallocates (rows, prompt + max_new_tokens) token ids, so a huge value
+# would fail in the allocator (or overflow it) instead of saying what is wrong. 10 million tokens is ~80 MB per row.
+MAX_NEW_TOKENS = 10_000_000
 
 
 @dataclass
@@ -56,8 +59,11 @@ class GenerationConfig:
 
     def validate(self) -> None:
         validate_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
-        if self.max_new_tokens < 1:
-            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise InvalidArgumentError(
+                f"max_new_tokens must be in 1..{MAX_NEW_TOKENS:,} (the token buffer is allocated up front), "
+                f"got {self.max_new_tokens}"
+            )
         validate_seed(self.seed)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise InvalidArgumentError(f"chunk_size must be >= 1, got {self.chunk_size}")
@@ -160,15 +166,10 @@ class _StopChecker:
                 if not self.finished[row] and self._stop_string_in(generated[row, -self.tail - new.shape[1] :]):
                     self.finished[row] = True
 
-    def update_row(self, row: int, generated: torch.Tensor) -> None:
-        """`update` for one row that has just emitted one token (rows of a batched speculative round emit different
-        numbers of tokens); generated: (G,) that row's new tokens so far."""
-        if self.stops_at(int(generated[-1]), generated):
-            self.finished[row] = True
-
     def stops_at(self, token: int, generated: torch.Tensor) -> bool:
         """Whether a row that has just emitted `token` (a host int, the last of its new tokens `generated`, (G,))
-        ends there. The EOS test reads the int: no kernel and no device sync, unless stop strings need the text."""
+        ends there: the speculative decoders' test, token by token, as their rounds emit different numbers of tokens
+        per row. The EOS test reads the int: no kernel and no device sync, unless stop strings need the text."""
         return token == self.eos or bool(self.stop) and self._stop_string_in(generated[-self.tail - 1 :])
 
     def _stop_string_in(self, tail: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@ imports happen inside the commands so that `toyllm --help` answers at once.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +23,7 @@ import typer
 from rich.console import Console
 
 from toyllm.cli.app import app
+from toyllm.errors import InvalidArgumentError
 
 bench_app = typer.Typer(
     name="bench",
@@ -52,7 +54,21 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N
 Dtype = Annotated[str, typer.Option("--dtype", help="Base dtype of the model: float32, bfloat16 or float16.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seeds the random weights and the prompt.")]
 Threads = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON, CSV and PNG files.")]
+
+
+def _output_folder(path: Path) -> Path:
+    """Checked as the options are read: a run takes minutes, and a file in the way was found only when it wrote."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise InvalidArgumentError(f"--out {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK):
+        raise InvalidArgumentError(f"--out {path}: {existing} is not writable")
+    return path
+
+
+Out = Annotated[
+    Path, typer.Option("--out", "-o", help="Directory for the JSON, CSV and PNG files.", callback=_output_folder)
+]
 NoPlots = Annotated[bool, typer.Option("--no-plots", help="Write JSON and CSV only.")]
 
 DEFAULT_MODEL = "random:gpt2"

@@ -24,7 +24,7 @@ from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate_text, stream_text
 from toyllm.gpt2.model import GPT2LMHeadModel
-from toyllm.tokenizer import Tokenizer, load_tokenizer
+from toyllm.tokenizer import FILE_PAIRS, Tokenizer, load_tokenizer
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 DEFAULT_MODEL = "gpt2"
@@ -62,7 +62,21 @@ def load_tokenizer_for(name_or_path: str | Path, override: str | Path | None = N
     Call it after `load_model`: for a Hub id the tokenizer files are then in the Hugging Face cache, where
     `load_tokenizer` finds them without another round trip to the Hub.
     """
+    if override is not None:
+        check_tokenizer_folder(override)
     return load_tokenizer(override if override is not None else name_or_path)
+
+
+def check_tokenizer_folder(override: str | Path) -> None:
+    """`--tokenizer` names vocabulary files on purpose, so a path without them is an error, not standard GPT-2 (which
+    `load_tokenizer` falls back to for a checkpoint that carries weights only). A Hub id is left to `load_tokenizer`."""
+    path = Path(override).expanduser()
+    if path.is_file():
+        raise InvalidArgumentError(
+            f"--tokenizer takes a directory holding vocab.json and merges.txt, not a file: {path}"
+        )
+    if path.is_dir() and not any((path / ids).is_file() or (path / merges).is_file() for ids, merges in FILE_PAIRS):
+        raise InvalidArgumentError(f"--tokenizer {path} holds no vocab.json and merges.txt")
 
 
 def check_draft_options(
@@ -187,6 +201,8 @@ def run_generate(
     out = out if out is not None else sys.stdout
     target_device, target_dtype = check_options(config, prompt, device, dtype)
     check_draft_options(draft, draft_layers, draft_vocab, draft_vocab_data)  # (load_draft checks too, but later)
+    if tokenizer is not None:
+        check_tokenizer_folder(tokenizer)  # before the model loads (load_tokenizer_for checks again, for other callers)
     lm = load_model(model, target_device, target_dtype, config.seed)
     tok = load_tokenizer_for(model, tokenizer)
     draft_model = load_draft(

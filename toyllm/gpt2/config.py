@@ -9,6 +9,9 @@ from typing import Any
 
 from toyllm.errors import InvalidArgumentError, ModelNotFoundError
 
+# About 13 times GPT-2 XL, and 80 GB of float32 weights: anything larger is a mistyped size, not a GPT-2.
+MAX_PARAMETERS = 20_000_000_000
+
 
 @dataclass
 class GPT2Config:
@@ -57,6 +60,20 @@ class GPT2Config:
                 raise InvalidArgumentError(f"{name} must be a non-negative integer or null, got {value!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise InvalidArgumentError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if self.parameter_count > MAX_PARAMETERS:  # (a typo such as --n-layer 120000 would fill memory, then crash)
+            raise InvalidArgumentError(
+                f"this configuration has about {self.parameter_count:.3g} parameters (n_layer {self.n_layer}, n_embd "
+                f"{self.n_embd}, vocab_size {self.vocab_size}, n_positions {self.n_positions}); the largest GPT-2 has "
+                f"1.56e9 and toyllm refuses more than {MAX_PARAMETERS:.0e}"
+            )
+
+    @property
+    def parameter_count(self) -> int:
+        """The parameter count this configuration gives, computed without building anything."""
+        C, inner = self.n_embd, self.inner_dim
+        block = (3 * C * C + 3 * C) + (C * C + C) + (2 * C * inner + inner + C) + 4 * C  # attn, MLP, 2 layer norms
+        head = 0 if self.tie_word_embeddings else self.vocab_size * C
+        return (self.vocab_size + self.n_positions) * C + self.n_layer * block + 2 * C + head
 
     @property
     def head_dim(self) -> int:

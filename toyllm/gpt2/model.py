@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from toyllm.errors import InvalidArgumentError
@@ -46,11 +45,6 @@ def build_attention_mask(
             return (None, True) if T > 1 else (None, False)
         if T == 1:
             return None, False  # one query at the end may see every key
-        if device.type == "cuda":
-            # A mask object rather than a tensor: SDPA runs it in the flash / memory-efficient kernels, which align
-            # causality bottom-right natively, with no (T, S) mask to build (a speculative verification forward on
-            # a small model is bound by kernel launches). Elsewhere SDPA would build the dense mask in every layer.
-            return causal_lower_right(T, S), False
         causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, S)
         return causal, False
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, S)

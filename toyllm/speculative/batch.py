@@ -374,14 +374,15 @@ class BatchSpeculativeDecoder:
         """Every live row runs the acceptance rule on its own drafts and emits what it keeps plus one token."""
         s = self.stats
         p = None if self.greedy else logits_to_probs(scores, self.config.temperature)  # (B, k + 1, V)
-        # At temperature 0, every row's argmaxes and drafts read to the host at once (each read is a sync on a GPU).
+        # Every row's drafts (and at temperature 0 the target's argmaxes) read to the host at once: on a GPU each
+        # read is a sync.
         target_tokens = greedy(scores).tolist() if self.greedy else None  # (B, k + 1)
-        draft_ids = drafts.tolist() if self.greedy else None  # (B, k)
+        draft_ids: list[list[int]] = drafts.tolist()  # (B, k)
         kept = [0] * len(live)
         for b, is_live in enumerate(live):
             if not is_live:
                 continue
-            if target_tokens is not None and draft_ids is not None:
+            if target_tokens is not None:
                 n, nxt = verify_greedy(draft_ids[b], target_tokens[b])
             else:
                 assert p is not None
@@ -390,7 +391,7 @@ class BatchSpeculativeDecoder:
             self.tokens[b, int(self.next_column[b]) + n] = nxt  # the residual or bonus token after the kept drafts
             # Counted as the one-prompt decoder counts: only the drafts this row could have emitted; and when a stop
             # cuts the row short, only the accepted drafts it emitted, and a rejection only if it was reached.
-            emitted = self._emit(b, n + 1)
+            emitted = self._emit(b, [*draft_ids[b][:n], nxt])
             s.proposed += usable[b]
             s.accepted += min(n, usable[b], emitted)
             s.rejected += int(n < usable[b] and emitted > n)
@@ -409,15 +410,15 @@ class BatchSpeculativeDecoder:
         self.target_cache.truncate(new_length)
         self.draft_cache.truncate(min(self.draft_cache.length, new_length))
 
-    def _emit(self, b: int, count: int) -> int:
-        """Advance row b over its next `count` tokens, one at a time, stopping after EOS, a stop string or
+    def _emit(self, b: int, new_ids: list[int]) -> int:
+        """Advance row b over its round's new tokens (host ints), one at a time, stopping after EOS, a stop string or
         max_new_tokens; return how many it emitted."""
         column = start = int(self.next_column[b])
-        for _ in range(count):
+        for token in new_ids:
             column += 1
             self.stats.new_tokens += 1
-            self.stopper.update_row(b, self.tokens[b, self.prompt_columns : column])
-            if bool(self.stopper.finished[b]) or column - self.prompt_columns >= self.config.max_new_tokens:
+            generated = self.tokens[b, self.prompt_columns : column]  # (G,), read only for stop strings
+            if self.stopper.stops_at(token, generated) or column - self.prompt_columns >= self.config.max_new_tokens:
                 self.finished[b] = True
                 self.tokens[b, column:] = self.pad  # a finished row shows padding, as in plain batched decoding
                 break

@@ -102,6 +102,10 @@ class TrainConfig:
             "log_interval": self.log_interval,
             "keep_last": self.keep_last,
         }
+        for f in dataclasses.fields(self):  # counts reach torch as int64: past that they overflow deep inside it
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" and value >= 2**63:
+                raise InvalidArgumentError(f"{f.name} must be below 2**63, got {value}")
         if self.grad_accum < 1:
             raise InvalidArgumentError(f"grad_accum must be >= 1, got {self.grad_accum}")
         for name, value in positive.items():

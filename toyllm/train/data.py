@@ -397,6 +397,7 @@ class WindowSampler:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: int | None = None,
     ) -> None:
         if len(tokens) < block_size + 1:
             raise DataError(
@@ -408,6 +409,8 @@ class WindowSampler:
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
+        self.vocab_size = vocab_size  # ids at or above it mean a damaged file (checked per batch: a scan of a large
+        # train.bin up front would cost seconds per run)
         self.generator = torch.Generator().manual_seed(seed)
         self.batches = 0  # how many batches were drawn: the data position, for logs
 
@@ -417,6 +420,12 @@ class WindowSampler:
         starts = torch.randint(n_starts, (self.batch_size * self.world_size,), generator=self.generator)
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
         rows = np.stack([self.tokens[s : s + self.block_size + 1] for s in mine]).astype(np.int64)
+        if self.vocab_size is not None and rows.max() >= self.vocab_size:
+            where = getattr(self.tokens, "filename", None) or "the token file"
+            raise DataError(
+                f"{where} holds token id {rows.max()}, outside the model's vocabulary of {self.vocab_size}: "
+                "the file is damaged or was prepared for another tokenizer; prepare it again"
+            )
         self.batches += 1
         data = torch.from_numpy(rows)  # (b, T + 1)
         return data[:, :-1], data[:, 1:]

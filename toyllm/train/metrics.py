@@ -49,7 +49,7 @@ class MetricsLogger:
         """On resume: forget what an interrupted run logged after the checkpoint, so the logs read as one run."""
         if not self.enabled or not self.jsonl.exists():
             return
-        kept = [r for r in read_records(self.jsonl) if int(r.get("step", 0)) <= step]
+        kept = [r for r in read_records(self.jsonl) if r["step"] <= step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         with open(self.csv, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
@@ -84,13 +84,16 @@ class MetricsLogger:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
+    """The log's records; a line that is not one (cut short by a kill, or damaged) is skipped, so that a bad log
+    never stops `--resume`: the checkpoints, not the log, hold the run."""
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill: skip it
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("kind"), str):
+            records.append(record)
     return records
 
 
@@ -101,8 +104,8 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "") 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and _finite(r.get("loss"))]
+    val = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval" and _finite(r.get("val_loss"))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, losses = zip(*train, strict=True)
@@ -121,6 +124,10 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "") 
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _ema(values: list[float], beta: float) -> list[float]:
