@@ -171,7 +171,10 @@ def test_cli_writes_table_json_csv_and_plots(tmp_path: Path, capsys: pytest.Capt
     ("args", "fragment"),
     [
         (["--modes", "kv,warp"], "unknown mode(s) warp"),
-        (["--repeats", "0"], "repeats must be >= 1"),
+        (["--repeats", "0"], "repeats must be in 1..2**63 - 1, got 0"),
+        (["--batch-size", str(10**20)], "batch-size must be in 1..2**63 - 1"),  # was an overflow inside torch
+        (["--seed", str(10**20)], "seed must be in -2**63..2**64 - 1"),
+        (["--threads", str(10**20)], "--threads must be in 1..2**63 - 1"),
         (["--seq-len", "8"], "seq-len (8) must exceed prompt-len (16)"),
     ],
 )

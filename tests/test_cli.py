@@ -197,8 +197,10 @@ def test_missing_checkpoint_directory(cli, tmp_path: Path) -> None:
     cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "nothere")).assert_one_line_error("nothere")
     # A path that exists but holds no vocabulary was silently read as standard GPT-2.
     (tmp_path / "weights.bin").write_bytes(b"")
-    cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "weights.bin")).assert_one_line_error("not a file")
+    cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "weights.bin")).assert_one_line_error("no vocab.json")
     (tmp_path / "empty").mkdir()
+    cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "empty")).assert_one_line_error("no vocab.json")
+    (tmp_path / "empty" / "vocab.json").write_text("{}")  # half a pair
     cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "empty")).assert_one_line_error("no vocab.json")
 
 
@@ -206,6 +208,20 @@ def test_local_checkpoint(cli, checkpoint: Path) -> None:
     result = cli("generate", "Hello", "--model", str(checkpoint), "--max-new-tokens", "4", "--seed", "0")
     assert result.code == 0, result.err
     assert result.out.startswith("Hello") and "4 new tokens" in result.err
+    # --tokenizer naming a file of the checkpoint means its folder's vocabulary.
+    by_file = cli(
+        "generate",
+        "Hello",
+        "--model",
+        str(checkpoint),
+        "-n",
+        "4",
+        "--seed",
+        "0",
+        "--tokenizer",
+        str(checkpoint / "vocab.json"),
+    )
+    assert by_file.code == 0 and by_file.out == result.out, by_file.err
     # The reference path (no cache) and a chunked prefill give the same text for the same seed.
     slow = cli("generate", "Hello", "--model", str(checkpoint), "--max-new-tokens", "4", "--seed", "0",
                "--no-kv-cache", "--chunk-size", "1")  # fmt: skip
@@ -284,3 +300,14 @@ def test_bench_output_folder_blocked_by_a_file_is_refused_before_the_run(cli, tm
     (tmp_path / "afile").write_text("")
     for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         cli(*command, "--out", str(out)).assert_one_line_error("is a file, not a directory")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    cli(*command, "--out", str(tmp_path / "dangling" / "x")).assert_one_line_error("broken symbolic link")
+
+
+def test_bench_subcommands_ignore_the_groups_default_folder(cli, tmp_path: Path, monkeypatch) -> None:
+    """`bench`'s own --out (default bench_out) is checked only when `bench` itself runs: a file named bench_out in
+    the working folder must not stop `bench kernel --out elsewhere`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench_out").write_text("")
+    assert cli("bench", "kernel", "--out", str(tmp_path / "elsewhere"), "--help").code == 0
+    cli("bench", "--model", "random:gpt2-tiny").assert_one_line_error("bench_out is a file")

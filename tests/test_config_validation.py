@@ -65,7 +65,18 @@ def test_parameter_count_is_what_the_model_builds(preset: str, tied: bool) -> No
     assert config.parameter_count == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("change", [{"n_layer": 10**20}, {"n_layer": 120_000, "n_embd": 128}, {"n_embd": 2**40}])
+def test_sizes_too_large_to_count_are_one_error() -> None:
+    """A config.json with n_layer 10**400: formatting its parameter count overflowed a float."""
+    with pytest.raises(InvalidArgumentError, match="n_layer must be a positive integer below 2\\*\\*63"):
+        GPT2Config(**{**SMALL, "n_layer": 10**400})
+
+
+def test_sample_tokens_beyond_what_generation_takes_is_refused_up_front() -> None:
+    with pytest.raises(InvalidArgumentError, match="sample_tokens must be at most 10,000,000"):
+        TrainConfig(data="d", sample_tokens=20_000_000).validate()
+
+
+@pytest.mark.parametrize("change", [{"n_layer": 10**12}, {"n_layer": 120_000, "n_embd": 128}, {"n_embd": 2**40}])
 def test_absurd_sizes_are_refused_before_anything_is_built(change: dict[str, Any]) -> None:
     """A mistyped size (--n-layer 120000) filled memory while building the model, then crashed."""
     with pytest.raises(InvalidArgumentError, match="parameters"):

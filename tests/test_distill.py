@@ -55,6 +55,10 @@ def test_distill_errors(data, teacher, tmp_path) -> None:
         distill_data(teacher, data, data, sequences=2)
     with pytest.raises(InvalidArgumentError, match="sequences"):
         distill_data(teacher, data, tmp_path / "x", sequences=0)
+    with pytest.raises(InvalidArgumentError, match="sequences must be in 1..2"):  # was an overflow inside torch
+        distill_data(teacher, data, tmp_path / "x", sequences=10**20)
+    with pytest.raises(InvalidArgumentError, match="seed must be in"):
+        distill_data(teacher, data, tmp_path / "x", sequences=2, seed=10**20)
     assert not (tmp_path / "x" / "meta.json").exists()
     small = GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=24, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(DataError, match="vocabulary of 50257"):

@@ -22,3 +22,10 @@ class CheckpointError(ToyLLMError):
 
 class HubUnavailableError(ToyLLMError):
     """The Hugging Face Hub cannot be reached and the model is not in the local cache."""
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> None:
+    """A count from the user (sequences, batch size, repeats): at least `minimum`, and below 2**63, since counts reach
+    torch as int64 and past that fail deep inside it with a bare overflow."""
+    if not minimum <= value < 2**63:
+        raise InvalidArgumentError(f"{name} must be in {minimum}..2**63 - 1, got {value}")

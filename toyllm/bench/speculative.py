@@ -35,9 +35,10 @@ import torch
 from toyllm import kernels as toyllm_kernels
 from toyllm.bench.machine import describe_machine
 from toyllm.device import resolve_device, resolve_dtype
-from toyllm.errors import InvalidArgumentError
+from toyllm.errors import InvalidArgumentError, check_count
 from toyllm.generation import GenerationConfig, GenerationStats, generate
 from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.sampling import validate_seed
 from toyllm.speculative import (
     LookaheadSchedule,
     SpeculativeStats,
@@ -210,10 +211,11 @@ def run_speculative_bench(
     """
     if not cases or not lookaheads or min(lookaheads) < 1:  # an empty run would overwrite a report with nothing
         raise InvalidArgumentError("--cases and --lookaheads must each name at least one value, lookaheads >= 1")
-    if prompts < 1 or repeats < 1 or batch < 1:
-        raise InvalidArgumentError(
-            f"--prompts, --batch and --repeats must be >= 1, got {prompts}, {batch} and {repeats}"
-        )
+    for name, value in (("prompts", prompts), ("batch", batch), ("repeats", repeats), ("prompt-len", prompt_tokens)):
+        check_count(f"--{name}", value)
+    validate_seed(seed)
+    if threads is not None:
+        check_count("--threads", threads)
     if not schedules or set(schedules) - set(SCHEDULES):
         raise InvalidArgumentError(f"--schedules takes any of {', '.join(SCHEDULES)}, got {', '.join(schedules)}")
     unknown = set(cases) - set(CASES)

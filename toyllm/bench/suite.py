@@ -35,8 +35,9 @@ from toyllm.bench.report import (
 from toyllm.bench.runner import run_modes, token_agreement, traced_peak_bytes
 from toyllm.bench.sweep import DEFAULT_LENGTHS, SWEEP_COLUMNS, kv_never_slower, run_sweep
 from toyllm.device import resolve_device, resolve_dtype
-from toyllm.errors import InvalidArgumentError
+from toyllm.errors import InvalidArgumentError, check_count
 from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.sampling import validate_seed
 
 
 @dataclass
@@ -58,12 +59,11 @@ class BenchSettings:
     def validate(self) -> None:
         parse_modes(self.modes)
         for name in ("batch_size", "prompt_len", "max_new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise InvalidArgumentError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise InvalidArgumentError(f"warmup must be >= 0, got {self.warmup}")
-        if self.threads is not None and self.threads < 1:
-            raise InvalidArgumentError(f"threads must be >= 1, got {self.threads}")
+            check_count(name.replace("_", "-"), getattr(self, name))
+        check_count("warmup", self.warmup, minimum=0)
+        if self.threads is not None:
+            check_count("threads", self.threads)
+        validate_seed(self.seed)
         resolve_device(self.device)
         resolve_dtype(self.dtype)
 

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 
 from toyllm.cli.app import app
-from toyllm.errors import InvalidArgumentError
+from toyllm.errors import InvalidArgumentError, check_count
 
 bench_app = typer.Typer(
     name="bench",
@@ -53,11 +53,25 @@ Repeats = Annotated[int, typer.Option("--repeats", "-r", help="Timed runs per mo
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Base dtype of the model: float32, bfloat16 or float16.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seeds the random weights and the prompt.")]
-Threads = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
+
+
+def _thread_count(value: int | None) -> int | None:
+    if value is not None:
+        check_count("--threads", value)
+    return value
+
+
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", help="torch CPU threads (default: torch's choice).", callback=_thread_count),
+]
 
 
 def _output_folder(path: Path) -> Path:
     """Checked as the options are read: a run takes minutes, and a file in the way was found only when it wrote."""
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            raise InvalidArgumentError(f"--out {path}: {p} is a broken symbolic link")
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not existing.is_dir():
         raise InvalidArgumentError(f"--out {path}: {existing} is a file, not a directory")
@@ -69,6 +83,9 @@ def _output_folder(path: Path) -> Path:
 Out = Annotated[
     Path, typer.Option("--out", "-o", help="Directory for the JSON, CSV and PNG files.", callback=_output_folder)
 ]
+# The group's own --out: click runs an option's callback even on its default, and the group's options are parsed for
+# every subcommand too, so `bench` checks its folder in its body, and only when it runs itself.
+GroupOut = Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON, CSV and PNG files.")]
 NoPlots = Annotated[bool, typer.Option("--no-plots", help="Write JSON and CSV only.")]
 
 DEFAULT_MODEL = "random:gpt2"
@@ -143,11 +160,12 @@ def bench(
     draft: Annotated[
         str | None, typer.Option("--draft", help="Draft model of the speculative mode (default: first layers).")
     ] = None,
-    out: Out = DEFAULT_OUT,
+    out: GroupOut = DEFAULT_OUT,
     no_plots: NoPlots = False,
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
+    _output_folder(out)
     from toyllm.bench.report import default_baseline, results_tables
     from toyllm.bench.suite import BenchSettings, benchmark, write_run_report
 

@@ -69,14 +69,16 @@ def load_tokenizer_for(name_or_path: str | Path, override: str | Path | None = N
 
 def check_tokenizer_folder(override: str | Path) -> None:
     """`--tokenizer` names vocabulary files on purpose, so a path without them is an error, not standard GPT-2 (which
-    `load_tokenizer` falls back to for a checkpoint that carries weights only). A Hub id is left to `load_tokenizer`."""
+    `load_tokenizer` falls back to for a checkpoint that carries weights only). A file means the folder it is in.
+    A Hub id, and the empty name, are left to `load_tokenizer`."""
+    if str(override) == "":
+        return
     path = Path(override).expanduser()
-    if path.is_file():
-        raise InvalidArgumentError(
-            f"--tokenizer takes a directory holding vocab.json and merges.txt, not a file: {path}"
-        )
-    if path.is_dir() and not any((path / ids).is_file() or (path / merges).is_file() for ids, merges in FILE_PAIRS):
-        raise InvalidArgumentError(f"--tokenizer {path} holds no vocab.json and merges.txt")
+    folder = path.parent if path.is_file() else path
+    if path.exists() and not any(
+        (folder / ids).is_file() and (folder / merges).is_file() for ids, merges in FILE_PAIRS
+    ):
+        raise InvalidArgumentError(f"--tokenizer {path}: {folder} holds no vocab.json and merges.txt")
 
 
 def check_draft_options(

@@ -40,8 +40,8 @@ class GPT2Config:
         """
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             value = getattr(self, name)
-            if not (name == "n_inner" and value is None) and (not _is_int(value) or value <= 0):
-                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+            if not (name == "n_inner" and value is None) and (not _is_int(value) or not 0 < value < 2**63):
+                raise InvalidArgumentError(f"{name} must be a positive integer below 2**63, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise InvalidArgumentError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from toyllm.generation import MAX_NEW_TOKENS
 from toyllm.sampling import validate_seed
 from toyllm.train.errors import InvalidArgumentError
 
@@ -124,6 +125,8 @@ class TrainConfig:
             if not math.isfinite(getattr(self, name)):
                 raise InvalidArgumentError(f"{name} must be a finite number, got {getattr(self, name)}")
         validate_seed(self.seed)
+        if self.sample_tokens > MAX_NEW_TOKENS:  # found out only at the first evaluation otherwise
+            raise InvalidArgumentError(f"sample_tokens must be at most {MAX_NEW_TOKENS:,}, got {self.sample_tokens}")
         if not self.sample_prompt and self.sample_tokens > 0:  # found out only at the first evaluation otherwise
             raise InvalidArgumentError("the sample prompt is empty: give --sample-prompt TEXT or --sample-tokens 0")
         out = Path(self.out_dir).expanduser()

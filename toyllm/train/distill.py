@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from toyllm.errors import check_count
 from toyllm.generation import GenerationConfig, generate
 from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.sampling import validate_seed
 from toyllm.train.data import (
     META_FILE,
     TOKEN_DTYPE,
@@ -71,10 +73,9 @@ def distill_data(
     `progress(done, total)` is called after every batch.
     """
     for name, value in (("sequences", sequences), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
-        if value < 1:
-            raise InvalidArgumentError(f"{name} must be >= 1, got {value}")
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
+        check_count(name, value)
+    check_count("batch_size", batch_size)
+    validate_seed(seed)
     if not 0.0 <= val_fraction < 1.0:
         raise InvalidArgumentError(f"val_fraction must be in [0, 1), got {val_fraction}")
     source = PreparedData.open(data)

@@ -195,8 +195,9 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.elapsed_s = 0.0
         self.tokenizer: Any = None
-        if self.ctx.is_main and config.sample_tokens > 0:
-            # Loaded now, not at the first sample: a damaged vocab.json then stops the run before any step is spent.
+        if self.ctx.is_main:
+            # Loaded now, not at the first sample: a damaged vocab.json stops the run before any step is spent (and
+            # is not copied into every checkpoint the run saves, as save_pretrained carries the vocabulary along).
             self.tokenizer = self._load_tokenizer()
         self.logger = MetricsLogger(self.run_dir, enabled=self.ctx.is_main, tensorboard=config.tensorboard)
         self.flops_per_token = flops_per_token(self.model, self.block_size)
