@@ -260,11 +260,14 @@ def test_damaged_config_values(saved: tuple[Path, GPT2LMHeadModel], change: dict
 
 
 def test_config_sizes_that_overflow_torch(saved: tuple[Path, GPT2LMHeadModel]) -> None:
-    """A size that passes the config checks but not torch's own is still a CheckpointError."""
+    """Sizes torch could not build (2**62 wide overflowed its shape arithmetic) or too large to count are a
+    CheckpointError naming the config, before any skeleton is made."""
     directory, _ = saved
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "n_embd": 2**62}))
-    raises_checkpoint_error(directory, "torch cannot build")
+    raises_checkpoint_error(directory, "refuses more than")
+    (directory / "config.json").write_text(json.dumps({**config, "n_layer": 10**400}))
+    raises_checkpoint_error(directory, "below 2**63")
 
 
 def test_path_that_is_a_file_or_missing(saved: tuple[Path, GPT2LMHeadModel]) -> None:
