@@ -132,3 +132,10 @@ def test_train_counts_past_int64_are_one_error(name: str) -> None:
     """`--grad-accum 100000000000000000000` ended in an OverflowError inside torch."""
     with pytest.raises(InvalidArgumentError, match=f"{name} must be below 2\\*\\*63"):
         TrainConfig(data="d", **{name: 10**20}).validate()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, 0.0])
+def test_peak_flops_must_be_finite_and_positive(value: float) -> None:
+    """--peak-flops nan was accepted, and every MFU in the logs read NaN."""
+    with pytest.raises(InvalidArgumentError, match="peak_flops must be a finite number > 0"):
+        TrainConfig(data="d", peak_flops=value).validate()

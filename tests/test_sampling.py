@@ -148,6 +148,8 @@ def test_sampling_follows_the_distribution_and_the_seed() -> None:
         dict(top_p=1.5),
         dict(repetition_penalty=0.0),
         dict(repetition_penalty=-1.0),
+        dict(temperature=float("inf")),  # divided every logit to 0, and masked (-inf) ones to NaN
+        dict(repetition_penalty=float("inf")),
     ],
 )
 def test_invalid_parameters_are_rejected(kwargs: dict[str, float]) -> None:

@@ -10,6 +10,8 @@ the exact same pipeline on the draft's and the target's logits and compare the r
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from toyllm.errors import InvalidArgumentError
@@ -118,11 +120,13 @@ def validate_seed(seed: int | None) -> None:
 
 def validate_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
     """Reject values that would silently produce garbage, with a message that says the allowed range."""
-    if not temperature >= 0:  # also catches NaN
-        raise InvalidArgumentError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also catches NaN; inf would divide every logit to 0 (and -inf ones to NaN)
+        raise InvalidArgumentError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
     if top_k < 0:
         raise InvalidArgumentError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0 < top_p <= 1:
         raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
-    if not repetition_penalty > 0:
-        raise InvalidArgumentError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
+    if not 0 < repetition_penalty < math.inf:
+        raise InvalidArgumentError(
+            f"repetition_penalty must be a finite number > 0 (1 disables it), got {repetition_penalty}"
+        )

@@ -125,6 +125,8 @@ class TrainConfig:
             if not math.isfinite(getattr(self, name)):
                 raise InvalidArgumentError(f"{name} must be a finite number, got {getattr(self, name)}")
         validate_seed(self.seed)
+        if self.peak_flops is not None and not 0 < self.peak_flops < math.inf:  # NaN made every MFU NaN
+            raise InvalidArgumentError(f"peak_flops must be a finite number > 0, got {self.peak_flops}")
         if self.sample_tokens > MAX_NEW_TOKENS:  # found out only at the first evaluation otherwise
             raise InvalidArgumentError(f"sample_tokens must be at most {MAX_NEW_TOKENS:,}, got {self.sample_tokens}")
         if not self.sample_prompt and self.sample_tokens > 0:  # found out only at the first evaluation otherwise
