@@ -62,7 +62,7 @@ class BenchSettings:
             check_count(name.replace("_", "-"), getattr(self, name))
         check_count("warmup", self.warmup, minimum=0)
         if self.threads is not None:
-            check_count("threads", self.threads)
+            check_count("--threads", self.threads)
         validate_seed(self.seed)
         resolve_device(self.device)
         resolve_dtype(self.dtype)

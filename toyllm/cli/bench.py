@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 
 from toyllm.cli.app import app
-from toyllm.errors import InvalidArgumentError, check_count
+from toyllm.errors import InvalidArgumentError
 
 bench_app = typer.Typer(
     name="bench",
@@ -53,18 +53,7 @@ Repeats = Annotated[int, typer.Option("--repeats", "-r", help="Timed runs per mo
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Base dtype of the model: float32, bfloat16 or float16.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seeds the random weights and the prompt.")]
-
-
-def _thread_count(value: int | None) -> int | None:
-    if value is not None:
-        check_count("--threads", value)
-    return value
-
-
-Threads = Annotated[
-    int | None,
-    typer.Option("--threads", help="torch CPU threads (default: torch's choice).", callback=_thread_count),
-]
+Threads = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
 
 
 def _output_folder(path: Path) -> Path:

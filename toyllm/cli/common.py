@@ -62,8 +62,6 @@ def load_tokenizer_for(name_or_path: str | Path, override: str | Path | None = N
     Call it after `load_model`: for a Hub id the tokenizer files are then in the Hugging Face cache, where
     `load_tokenizer` finds them without another round trip to the Hub.
     """
-    if override is not None:
-        check_tokenizer_folder(override)
     return load_tokenizer(override if override is not None else name_or_path)
 
 
@@ -204,7 +202,7 @@ def run_generate(
     target_device, target_dtype = check_options(config, prompt, device, dtype)
     check_draft_options(draft, draft_layers, draft_vocab, draft_vocab_data)  # (load_draft checks too, but later)
     if tokenizer is not None:
-        check_tokenizer_folder(tokenizer)  # before the model loads (load_tokenizer_for checks again, for other callers)
+        check_tokenizer_folder(tokenizer)  # before the model loads
     lm = load_model(model, target_device, target_dtype, config.seed)
     tok = load_tokenizer_for(model, tokenizer)
     draft_model = load_draft(
