@@ -3,8 +3,9 @@
 The speedup formula prices a forward over K + 1 tokens at one target step (v = 1). On a GPU a small model is bound
 by kernel launches, so v is set by how many kernels (and how much Python) a multi-token forward adds: this script
 times a forward of T tokens over a cache of `--past` tokens, for T = 1 and T = K + 1, with the bottom-right causal
-mask given to SDPA in three forms (the library's dense bool mask, SDPA's `causal_lower_right` object, a dense float
-mask), and a plain greedy decoding step for reference. Outside CI:
+mask given to SDPA in three forms (the library's additive float mask built once per forward, a dense bool mask,
+which SDPA converts in every layer, and SDPA's `causal_lower_right` object), and a plain greedy decoding step for
+reference. Outside CI:
 
     python scripts/verify_cost.py --device cuda            # 6-layer, 384-wide random model (the trained pair's shape)
 """
@@ -27,11 +28,11 @@ from toyllm.gpt2.config import GPT2Config
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
 
-MaskFn = Callable[[int, int, Any, torch.device], tuple[Any, bool]]
+MaskFn = Callable[..., tuple[Any, bool]]
 _default: MaskFn = model_module.build_attention_mask
 
 
-def _lower_right(T: int, past: int, key_padding: Any, device: torch.device) -> tuple[Any, bool]:
+def _lower_right(T: int, past: int, key_padding: Any, device: torch.device, dtype: Any = None) -> tuple[Any, bool]:
     """SDPA's mask object (flash / memory-efficient kernels align it natively); not in the library, as it breaks
     torch.compile(fullgraph=True) and autocast's dtype handling."""
     if key_padding is not None or past == 0 or T == 1:
@@ -39,14 +40,14 @@ def _lower_right(T: int, past: int, key_padding: Any, device: torch.device) -> t
     return causal_lower_right(T, past + T), False
 
 
-def _dense_float(T: int, past: int, key_padding: Any, device: torch.device) -> tuple[Any, bool]:
+def _dense_bool(T: int, past: int, key_padding: Any, device: torch.device, dtype: Any = None) -> tuple[Any, bool]:
+    """The library's form up to the eleventh session: SDPA converts a bool mask to an additive one in every layer."""
     if key_padding is not None or past == 0 or T == 1:
         return _default(T, past, key_padding, device)
-    allowed = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, S)
-    return torch.zeros(T, past + T, device=device).masked_fill(~allowed, float("-inf")), False
+    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past), False  # (T, S)
 
 
-MASKS: dict[str, MaskFn] = {"library": _default, "lower-right": _lower_right, "dense-float": _dense_float}
+MASKS: dict[str, MaskFn] = {"library": _default, "dense-bool": _dense_bool, "lower-right": _lower_right}
 
 
 def time_forward(model: GPT2LMHeadModel, T: int, past: int, repeats: int) -> float:

@@ -16,6 +16,7 @@ from toyllm.generation import (
     stream_text,
 )
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
+from toyllm.gpt2.model import attention_dtype, build_attention_mask
 from toyllm.kv_cache import KVCache
 
 VOCAB = 300
@@ -96,6 +97,26 @@ def test_chunked_prefill_equals_one_shot(chunk: int) -> None:
     out_one = generate(model, ids[:1], greedy(max_new_tokens=20))
     out_chunk = generate(model, ids[:1], greedy(max_new_tokens=20, chunk_size=chunk))
     assert torch.equal(out_one, out_chunk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_mask_is_additive_bottom_right_in_the_queries_dtype(dtype: torch.dtype, padded: bool) -> None:
+    """The mask SDPA gets over a cache: 0 where query i (at position past + i) may see key j, -inf elsewhere, in the
+    queries' dtype (a bool mask would be converted again in every layer). Checked against a loop over (i, j)."""
+    T, past = 3, 4
+    key_padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]) if padded else None
+    mask, is_causal = build_attention_mask(T, past, key_padding, torch.device("cpu"), dtype)
+    assert mask is not None and mask.dtype == dtype and not is_causal
+    for b in range(2 if padded else 1):
+        for i in range(T):
+            for j in range(past + T):
+                sees = j <= past + i and (key_padding is None or bool(key_padding[b, j]))
+                value = mask[b, 0, i, j] if padded else mask[i, j]
+                assert float(value) == (0.0 if sees else float("-inf")), (b, i, j)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the linears return bf16 queries, so the mask follows
+        assert attention_dtype(torch.zeros(1)) == torch.bfloat16
+    assert attention_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float16
 
 
 @pytest.mark.parametrize("use_kv_cache", [True, False])
