@@ -136,6 +136,23 @@ def test_batched_left_padding_equals_one_by_one(use_kv_cache: bool, penalty: flo
         assert torch.equal(batched[i, T:], alone[0, len(r) :]), f"row {i} differs"
 
 
+@pytest.mark.parametrize("keep", [4, 12])
+def test_left_padding_survives_window_slides(keep: int) -> None:
+    """A padded batch past the window: the cache decides once per window whether padding is still in it (keep 12:
+    after the first slide the window still holds some; keep 4: none). The recompute-everything path is the
+    reference."""
+    model = tiny_model(n_positions=16)
+    rows = [p[0] for p in prompts(1, 3, seed=5) + prompts(1, 11, seed=6) + prompts(1, 7, seed=7)]
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 11 - len(r) :], mask[i, 11 - len(r) :] = r, 1
+    config = greedy(max_new_tokens=40, window_keep=keep)
+    cached = generate(model, ids, config, attention_mask=mask)
+    plain = generate(model, ids, greedy(max_new_tokens=40, window_keep=keep, use_kv_cache=False), attention_mask=mask)
+    assert torch.equal(cached, plain)
+
+
 # -- past the context window -----------------------------------------------------------------------------------
 
 

@@ -224,6 +224,13 @@ def stream_tokens(
     t, s = T0, max(0, T0 - keep) if T0 > W else 0
     cache = KVCache.for_model(model, B, max_len=min(W, total - s)) if config.use_kv_cache else None
 
+    def has_padding() -> bool:
+        """Whether tokens[s:] hold left padding. Only the prompt can, so this changes only when s moves: asked once
+        per window, not per step (reading a device tensor is a sync on a GPU, and a step already needs one)."""
+        return s < T0 and not bool(valid[:, s:T0].all())
+
+    padded = has_padding()
+
     def context_logits() -> torch.Tensor:
         """Logits for the next token from scratch over tokens[s:t] (a fresh prefill)."""
         if cache is not None:
@@ -261,9 +268,9 @@ def stream_tokens(
                 if not config.sliding_window:
                     break
                 s = t - keep
+                padded = has_padding()
                 logits = context_logits()
             elif cache is not None:
-                padded = not bool(valid[:, s:t].all())
                 stats.target_forwards += 1
                 logits = model(
                     nxt[:, None],
