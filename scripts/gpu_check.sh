@@ -64,8 +64,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ -z "$TESTS_K" ]; then
 fi
 
 # Speculative decoding (issue 3): first a trained pair made here from scratch, timed twice with its cases in opposite
-# orders (the eighth session's one run had a 24% gap between the two cases' baselines of the same target), then
-# random gpt2-medium / gpt2 shapes.
+# orders (the eighth session's one run had a 24% gap between the two cases' baselines of the same target; in the
+# tenth, the order with `self` first was the one whose baselines agreed, so it runs first), then the cost of a
+# verification forward per mask form (scripts/verify_cost.py), then random gpt2-medium / gpt2 shapes.
 D=$W/runs
 PAIR=1  # 0 once a step of the trained pair failed: the later ones would use a half-made model
 step train_target 120 "toyllm train --data .gpu/data-shakespeare --out $D/target --model random:gpt2 --n-layer 6 --n-head 6 \
@@ -82,14 +83,15 @@ step train_draft 90 "toyllm train --data .gpu/data-shakespeare --out $D/draft --
   --batch-size 16 --max-steps $(pick 4 300) --warmup-steps $(pick 1 20) --learning-rate 2e-3 --dropout 0 \
   --eval-interval $(pick 4 100) --eval-iters 10 --log-interval 20 \
   --sample-tokens 0 --no-progress --no-tensorboard --device $DEVICE" || PAIR=0; }
-[ "$PAIR" = 1 ] && step spec_trained 150 "toyllm bench speculative --target $D/target/best --draft $D/draft-distilled/best \
-  --cases draft,self --self-layers 2 --draft-vocab 1024 --draft-vocab-data $D/distill --prompt-file .gpu/tinyshakespeare.txt \
-  --prompts 4 --repeats $REP -n $(pick 8 96) --lookaheads 2,4,8 --schedules constant,threshold --device $DEVICE \
-  --out $W/spec_trained"
 [ "$PAIR" = 1 ] && step spec_trained_reversed 120 "toyllm bench speculative --target $D/target/best \
   --draft $D/draft-distilled/best --cases self,draft --self-layers 2 --draft-vocab 1024 --draft-vocab-data $D/distill \
   --prompt-file .gpu/tinyshakespeare.txt --prompts 4 --repeats $REP -n $(pick 8 96) --lookaheads 2,4,8 \
   --schedules constant,threshold --device $DEVICE --out $W/spec_trained_reversed"
+[ "$PAIR" = 1 ] && step spec_trained 150 "toyllm bench speculative --target $D/target/best --draft $D/draft-distilled/best \
+  --cases draft,self --self-layers 2 --draft-vocab 1024 --draft-vocab-data $D/distill --prompt-file .gpu/tinyshakespeare.txt \
+  --prompts 4 --repeats $REP -n $(pick 8 96) --lookaheads 2,4,8 --schedules constant,threshold --device $DEVICE \
+  --out $W/spec_trained"
+step verify_cost 90 "python3 scripts/verify_cost.py --device $DEVICE --repeats $(pick 5 200) --out $W/verify_cost.json"
 [ "$PAIR" = 1 ] || echo "trained pair: a step failed, later ones skipped" >> "$W/steps.txt"
 if [ -n "$TESTS_K" ]; then
   step tests 480 "python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -k '$TESTS_K'"
