@@ -4,7 +4,7 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh                  # the real run: DEVICE=cuda, full sizes, tests first
 #   SKIP_TESTS=1 DEADLINE=295 OUT=/some/dir bash scripts/gpu_check.sh   # benchmarks only, in about 5 minutes
 #   DEVICE=cpu SMOKE=1 OUT=/tmp/x bash scripts/gpu_check.sh   # a quick dry run of the same steps on the CPU
-#   PAIR_ONLY=1 TESTS_K='speculative or kv_cache' ...           # only the trained pair, then only the tests -k picks
+#   PAIR_ONLY=1 TESTS_K='speculative or kv_cache' ...  # only the trained pair and verify_cost.py, then the tests -k picks
 #
 # Steps run in order of priority, each under its own time limit and all under DEADLINE seconds, so that one slow
 # step cannot take the others with it; results are packed into $OUT/gpu_results.tgz after every step. The tests

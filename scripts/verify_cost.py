@@ -50,21 +50,28 @@ def _dense_bool(T: int, past: int, key_padding: Any, device: torch.device, dtype
 MASKS: dict[str, MaskFn] = {"library": _default, "dense-bool": _dense_bool, "lower-right": _lower_right}
 
 
-def time_forward(model: GPT2LMHeadModel, T: int, past: int, repeats: int) -> float:
-    """Median seconds of one forward of T tokens over a cache of `past` tokens, synced as the decoder syncs."""
+def time_forms(model: GPT2LMHeadModel, T: int, past: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one forward of T tokens over a cache of `past` tokens, per mask form, synced as the decoder
+    syncs. The forms take turns, in an order rotated every repeat, so that the machine's drift hits them alike."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, past + T), device=device)
     cache = KVCache.for_model(model, 1, max_len=past + T)
     model(ids[:, :past], cache=cache, logits_to_keep=1)
-    times = []
-    for _ in range(repeats):
-        cache.truncate(past)
-        _sync(device)
-        start = time.perf_counter()
-        model(ids[:, past:], cache=cache, logits_to_keep=T)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    names = list(MASKS)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for r in range(repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                model_module.build_attention_mask = MASKS[name]
+                cache.truncate(past)
+                _sync(device)
+                start = time.perf_counter()
+                model(ids[:, past:], cache=cache, logits_to_keep=T)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        model_module.build_attention_mask = _default
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def time_plain_step(model: GPT2LMHeadModel, past: int, new: int) -> float:
@@ -101,16 +108,13 @@ def main() -> None:
     with torch.inference_mode():
         step = time_plain_step(model, args.past, 64)
         results["plain_step_ms"] = 1e3 * step
-        one = time_forward(model, 1, args.past, args.repeats)
+        one = time_forms(model, 1, args.past, args.repeats)["library"]  # one token: no mask in any form
         results["forward_T1_ms"] = 1e3 * one
         print(f"plain greedy step {1e3 * step:.3f} ms; forward of 1 token {1e3 * one:.3f} ms")
-        for name, fn in MASKS.items():
-            model_module.build_attention_mask = fn  # type: ignore[assignment]
-            for T in (3, 5, 9):
-                t = time_forward(model, T, args.past, args.repeats)
+        for T in (3, 5, 9):
+            for name, t in time_forms(model, T, args.past, args.repeats).items():
                 results[f"{name}_T{T}_ms"] = 1e3 * t
                 print(f"{name:12s} T={T}: {1e3 * t:.3f} ms = {t / one:.2f} x one token = {t / step:.2f} x a step")
-        model_module.build_attention_mask = _default  # type: ignore[assignment]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

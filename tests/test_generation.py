@@ -116,6 +116,12 @@ def test_attention_mask_is_additive_bottom_right_in_the_queries_dtype(dtype: tor
                 assert float(value) == (0.0 if sees else float("-inf")), (b, i, j)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the linears return bf16 queries, so the mask follows
         assert attention_dtype(torch.zeros(1)) == torch.bfloat16
+        assert attention_dtype(torch.zeros(1, dtype=torch.float64)) == torch.float64  # autocast skips float64
+        model = tiny_model().double()
+        ids = torch.randint(0, VOCAB, (1, 8))
+        cache = KVCache.for_model(model, 1)
+        model(ids[:, :5], cache=cache)
+        assert model(ids[:, 5:], cache=cache).dtype == torch.float64  # 3 tokens over a cache: a mask, in float64
     assert attention_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float16
 
 

@@ -63,8 +63,11 @@ def build_attention_mask(
 
 
 def attention_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the attention's queries will have: autocast's if it is on (the linears then return it), else x's."""
-    if torch.is_autocast_enabled(x.device.type):
+    """The dtype the attention's queries will have: autocast's if it is on (the linears then return it), else x's.
+
+    Autocast leaves float64 alone, so a float64 model keeps float64 queries under it.
+    """
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
