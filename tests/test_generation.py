@@ -292,6 +292,20 @@ def test_stats_are_filled() -> None:
     assert stats.prefill_seconds > 0 and stats.decode_seconds > 0
 
 
+@pytest.mark.parametrize("draft", [False, True])
+def test_stats_are_filled_when_a_stream_stops_early(draft: bool) -> None:
+    """A stream that ends at EOS stops reading the token generator before it finishes; the decode time must still be
+    there (it was 0, and the CLI printed "every token came with the prefill")."""
+    model, tok = tiny_model(), ByteTokenizer()
+    free = generate(model, torch.tensor([tok.encode("Hi")]), greedy(max_new_tokens=30))[0, 2:].tolist()
+    config = GenerationConfig(temperature=0.0, max_new_tokens=30, eos_token_id=free[20])  # the 21st token ends it
+    stats = GenerationStats()
+    text = "".join(stream_text(model, tok, "Hi", config, draft_model=model if draft else None, stats=stats))
+    assert text == generate_text(model, tok, "Hi", config)
+    assert stats.new_tokens > stats.first_tokens and stats.decode_seconds > 0
+    assert stats.tokens_per_second > 0
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

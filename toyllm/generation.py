@@ -261,6 +261,8 @@ def stream_tokens(
                 stats.prefill_seconds = time.perf_counter() - start
                 start = time.perf_counter()
             stats.new_tokens = step + 1
+            if step:  # kept current: a caller may stop reading at any token (a stop string, EOS in a stream)
+                stats.decode_seconds = time.perf_counter() - start
             yield nxt[:, None]
             if bool(stopper.finished.all()) or step == config.max_new_tokens - 1:
                 break
@@ -440,7 +442,8 @@ def stream_text(
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     hold = max((len(s) for s in config.stop), default=1) - 1
     pending = ""
-    for new in token_source(model, ids, config, tokenizer=tokenizer, draft_model=draft_model, stats=stats):
+    tokens = token_source(model, ids, config, tokenizer=tokenizer, draft_model=draft_model, stats=stats)
+    for new in tokens:
         row = new[0].tolist()
         ended = config.eos_token_id is not None and config.eos_token_id in row
         if ended:
@@ -448,6 +451,7 @@ def stream_text(
         pending += decoder.decode(tokenizer.decode_bytes(row))
         pending, stopped = _cut_at_stop(pending, config.stop)
         if stopped or ended:
+            getattr(tokens, "close", lambda: None)()  # stop the generator now, not whenever it is collected
             break
         if len(pending) > hold:
             yield pending[: len(pending) - hold]
