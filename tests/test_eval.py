@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
 from toyllm.tokenizer import load_tokenizer
-from toyllm.train.errors import InvalidArgumentError
+from toyllm.train.data import prepare
+from toyllm.train.errors import DataError, InvalidArgumentError
 from toyllm.train.evaluate import load_eval_tokens, perplexity, sliding_window_nll
 
 
@@ -124,3 +125,15 @@ def test_max_tokens_limits_a_text_file(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("a few words to evaluate " * 5, encoding="utf-8")
     assert load_eval_tokens(path, tok, max_tokens=3).tolist() == tok.encode(path.read_text())[:3]
+
+
+def test_a_prepared_folder_without_validation_tokens_is_refused(tmp_path):
+    """It used to score train.bin without a word, a training-set perplexity passed off as a held-out one."""
+    src = tmp_path / "t.txt"
+    src.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    tok = load_tokenizer()
+    held_out = prepare([src], tmp_path / "with_val", val_fraction=0.1, tokenizer=tok).directory
+    assert load_eval_tokens(held_out, tok).numel() > 2
+    train_only = prepare([src], tmp_path / "no_val", val_fraction=0, tokenizer=tok).directory
+    with pytest.raises(DataError, match="no validation tokens"):
+        load_eval_tokens(train_only, tok)

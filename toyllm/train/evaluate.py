@@ -143,8 +143,12 @@ def load_eval_tokens(path: str | Path, tokenizer: Any, max_tokens: int | None = 
     source = Path(path).expanduser()
     if source.is_dir():
         data = PreparedData.open(source)
-        tokens: np.ndarray = data.val if len(data.val) > 0 else data.train
-        ids = torch.from_numpy(np.asarray(tokens[:max_tokens], dtype=np.int64))
+        if len(data.val) == 0:  # scoring train.bin instead would report a training-set perplexity as if held out
+            raise DataError(
+                f"{source} has no validation tokens (prepared with --val-fraction 0): prepare it again with a "
+                "validation share, or evaluate a text file"
+            )
+        ids = torch.from_numpy(np.asarray(data.val[:max_tokens], dtype=np.int64))
     elif source.is_file():
         pieces: list[int] = []
         for piece in iter_pieces(iter_text(source)):
