@@ -164,6 +164,31 @@ def test_bad_options_fail_fast(cli, no_model_loading: None, options: list[str], 
     cli("generate", "Hello", *options).assert_one_line_error(fragment)
 
 
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["generate", "Hello", "--bogus"], ["No such option: --bogus", "toyllm generate --help"]),
+        (["generate", "Hello", "--max-new-tokens", "abc"], ["'--max-new-tokens'", "valid integer"]),
+        (["nosuchcommand"], ["No such command", "toyllm --help"]),
+    ],
+)
+def test_a_mistyped_command_line_is_one_line(cli, args: list[str], fragments: list[str]) -> None:
+    """click printed these as a boxed usage text over a dozen lines."""
+    cli(*args).assert_one_line_error(*fragments)
+
+
+def test_a_command_without_arguments_shows_its_help(cli) -> None:
+    result = cli("generate")
+    assert result.code == 2 and "Usage: toyllm generate" in result.out + result.err and "error" not in result.err
+
+
+def test_a_file_system_refusal_is_one_line(cli, tmp_path: Path) -> None:
+    """An output folder below a file: the OS says no, which is the user's path, not an internal error."""
+    (tmp_path / "a.txt").write_text("some text to prepare", encoding="utf-8")
+    result = cli("prepare", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "a.txt" / "sub"))
+    result.assert_one_line_error("Not a directory")
+
+
 def test_an_unexpected_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """Some library errors carry a C++ stack trace over a dozen lines: the CLI keeps the first, exit code 1."""
     from toyllm.cli.app import run_guarded

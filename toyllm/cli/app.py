@@ -6,9 +6,11 @@ Subcommand modules (`generate.py`, `bench.py`, `train.py`, ...) import `app` fro
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -27,6 +29,13 @@ app = typer.Typer(
 
 err_console = Console(stderr=True, highlight=False)
 
+# Usage errors are raised by the click that typer runs on: recent typers carry their own copy (typer._click), older
+# ones use the click package.
+try:
+    _click: Any = importlib.import_module("typer._click")
+except ImportError:
+    _click = importlib.import_module("click")
+
 
 def print_error(message: str) -> None:
     """One red `error:` line on stderr; the message itself is never read as Rich markup (paths have brackets)."""
@@ -40,15 +49,30 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def run_guarded(main: Callable[[], object]) -> int:
-    """The error boundary of the `toyllm` app and the seed scripts: a `ToyLLMError` is one line and exit code 2.
+    """The error boundary of the `toyllm` app and the seed scripts: a `ToyLLMError`, a mistyped option and a file
+    system error (a folder that is a file, no permission, a full disk) are one line and exit code 2.
 
     Set TOYLLM_DEBUG=1 to see the traceback of an unexpected error.
     """
     try:
-        main()
+        code = main()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except ToyLLMError as exc:
+        print_error(str(exc))
+        return 2
+    except _click.exceptions.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a command given nothing: its help is already printed
+            return 2
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        print_error(" ".join(exc.format_message().split()) + hint)
+        return 2
+    except _click.exceptions.ClickException as exc:  # e.g. an unreadable file given to a typer.FileText option
+        print_error(" ".join(exc.format_message().split()))
+        return exc.exit_code
+    except OSError as exc:  # the file system said no: the user's paths or machine, not a bug of ours
+        if os.environ.get("TOYLLM_DEBUG"):
+            raise
         print_error(str(exc))
         return 2
     except KeyboardInterrupt:
@@ -64,11 +88,13 @@ def run_guarded(main: Callable[[], object]) -> int:
             markup=False,
         )
         return 1
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0  # an Exit's code comes back as a value
 
 
 def run_app(argv: list[str] | None = None) -> int:
-    return run_guarded(lambda: app(args=argv, prog_name="toyllm", standalone_mode=True))
+    # standalone_mode=False: click hands usage errors to run_guarded (one line) instead of printing a boxed usage
+    # text, and returns a command's `typer.Exit(code)` as the code.
+    return run_guarded(lambda: app(args=argv, prog_name="toyllm", standalone_mode=False))
 
 
 def main() -> None:
