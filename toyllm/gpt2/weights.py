@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -224,8 +225,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         else:
             # weights_only refuses to run code hidden in the pickle: a downloaded .bin is untrusted input.
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # header, zip and pickle errors share no base class
-        raise CheckpointError(f"cannot read {path}: {_one_line(exc)}") from exc
+    except pickle.UnpicklingError as exc:  # torch's message suggests weights_only=False, which toyllm never uses
+        raise CheckpointError(
+            f"cannot read {path}: it is not a plain file of tensors (damaged, or it holds other Python objects), and "
+            "toyllm does not run code from a checkpoint; convert it to model.safetensors where it came from"
+        ) from exc
+    except Exception as exc:  # header, zip and pickle errors share no base class; some say no more than a number
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {_one_line(exc)}") from exc
     if not isinstance(tensors, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
     ):
