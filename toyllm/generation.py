@@ -69,7 +69,9 @@ class GenerationConfig:
             raise InvalidArgumentError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.window_keep is not None and self.window_keep < 1:
             raise InvalidArgumentError(f"window_keep must be >= 1, got {self.window_keep}")
-        if self.lookahead < 1 or self.max_lookahead < self.lookahead:
+        if self.lookahead < 1:  # (max_lookahead is no CLI option of `toyllm generate`: no need to name it here)
+            raise InvalidArgumentError(f"lookahead must be >= 1, got {self.lookahead}")
+        if self.max_lookahead < self.lookahead:
             raise InvalidArgumentError(
                 f"lookahead must be in 1..max_lookahead ({self.max_lookahead}), got {self.lookahead}"
             )
