@@ -227,6 +227,8 @@ def test_missing_checkpoint_directory(cli, tmp_path: Path) -> None:
     cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "empty")).assert_one_line_error("no vocab.json")
     (tmp_path / "empty" / "vocab.json").write_text("{}")  # half a pair
     cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "empty")).assert_one_line_error("no vocab.json")
+    # A bare name that is neither a folder nor a cached Hub tokenizer: a typo, which used to mean standard GPT-2.
+    cli("generate", "Hello", *TINY, "--tokenizer", "nope").assert_one_line_error("--tokenizer nope", "no such folder")
 
 
 def test_local_checkpoint(cli, checkpoint: Path) -> None:

@@ -109,22 +109,22 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _from_folder(path if path.is_dir() else path.parent)  # a weights file: look beside it
-    if _looks_like_path(name_or_path):
+    if looks_like_path(name_or_path):
         raise ModelNotFoundError(f"no such file or directory: {name_or_path}")
-    cached = _hub_cache_folder(str(name_or_path))
+    cached = hub_cache_folder(str(name_or_path))
     if cached is not None:
         return _from_folder(cached)
     return Tokenizer(_standard_encoding(), "gpt2")
 
 
-def _looks_like_path(name: str | Path) -> bool:
+def looks_like_path(name: str | Path) -> bool:
     """Hub ids are `name` or `owner/name`, never starting with '.', '/' or '~', so anything else is a path."""
     if isinstance(name, Path):
         return True
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _hub_cache_folder(repo_id: str) -> Path | None:
+def hub_cache_folder(repo_id: str) -> Path | None:
     """The cached snapshot holding this repo's vocab files, without touching the network."""
     from huggingface_hub import try_to_load_from_cache  # imported late: only Hub ids need it
 

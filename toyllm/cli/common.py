@@ -24,7 +24,7 @@ from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate_text, stream_text
 from toyllm.gpt2.model import GPT2LMHeadModel
-from toyllm.tokenizer import FILE_PAIRS, Tokenizer, load_tokenizer
+from toyllm.tokenizer import FILE_PAIRS, Tokenizer, hub_cache_folder, load_tokenizer, looks_like_path
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 DEFAULT_MODEL = "gpt2"
@@ -68,10 +68,16 @@ def load_tokenizer_for(name_or_path: str | Path, override: str | Path | None = N
 def check_tokenizer_folder(override: str | Path) -> None:
     """`--tokenizer` names vocabulary files on purpose, so a path without them is an error, not standard GPT-2 (which
     `load_tokenizer` falls back to for a checkpoint that carries weights only). A file means the folder it is in.
-    A Hub id, and the empty name, are left to `load_tokenizer`."""
+    A Hub id must have its vocabulary files in the local Hub cache (a typo would silently mean standard GPT-2);
+    the empty name is left to `load_tokenizer`."""
     if str(override) == "":
         return
     path = Path(override).expanduser()
+    if not path.exists() and not looks_like_path(str(override)) and hub_cache_folder(str(override)) is None:
+        raise InvalidArgumentError(
+            f"--tokenizer {override}: no such folder, and no Hub tokenizer of that name in the local cache "
+            "(give a folder with vocab.json and merges.txt)"
+        )
     folder = path.parent if path.is_file() else path
     if path.exists() and not any(
         (folder / ids).is_file() and (folder / merges).is_file() for ids, merges in FILE_PAIRS
