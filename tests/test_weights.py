@@ -318,6 +318,16 @@ def test_save_over_existing_directory_keeps_other_files(saved: tuple[Path, GPT2L
     assert_same_logits(GPT2LMHeadModel.from_pretrained(directory), newer)
 
 
+def test_saved_files_follow_the_umask(saved: tuple[Path, GPT2LMHeadModel]) -> None:
+    """The weights came out readable by their owner only (safetensors writes a private temporary file), unlike the
+    other files of the same checkpoint."""
+    directory, _ = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert (directory / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_save_to_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(InvalidArgumentError):

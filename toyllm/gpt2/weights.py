@@ -274,6 +274,9 @@ def _write_checkpoint(model: GPT2LMHeadModel, out: Path) -> None:
             tensor = tensor.t()  # (out, in) -> (in, out)
         tensors[name] = tensor.detach().to("cpu").contiguous()
     save_file(tensors, str(out / WEIGHT_FILES[0]), metadata={"format": "pt"})
+    umask = os.umask(0)  # (read it the only way there is: set it and put it back)
+    os.umask(umask)
+    os.chmod(out / WEIGHT_FILES[0], 0o666 & ~umask)  # safetensors writes through a private temporary file (0600)
     source = _source_dirs.get(model)
     if source is not None and all((source / name).is_file() for name in TOKENIZER_FILES):
         for name in TOKENIZER_FILES:
