@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,13 +57,20 @@ def load(verbose: bool = False) -> Any | None:
         _state["reason"] = _why_not_supported()
         _state["module"] = None
         if _state["reason"] is None:
+            # Say something only if this takes a while: that is a compile (about a minute), not torch's cached build.
+            note = threading.Timer(
+                2.0, lambda: print("toyllm: compiling the CPU kernel (first use: about a minute)...", file=sys.stderr)
+            )
+            note.daemon = True
+            if verbose:
+                note.start()
             try:
-                if verbose:
-                    print("toyllm: loading the CPU kernel (compiled on first use: about a minute)...", file=sys.stderr)
                 _state["module"] = _build("toyllm_gemv", _SOURCE)
                 _register_fake()
             except Exception as exc:  # no compiler, no ninja, a compile error: fall back to torch, say why
                 _state["reason"] = f"building gemv.cpp failed: {_first_line(exc)}"
+            finally:
+                note.cancel()
     return _state["module"]
 
 
