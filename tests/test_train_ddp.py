@@ -29,6 +29,7 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.count("done: step 3") == 1  # rank 0 alone reports the run, as it alone logs
 
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]

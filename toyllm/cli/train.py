@@ -6,6 +6,7 @@ Torch and the training code are imported inside the commands, so `toyllm --help`
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -190,6 +191,8 @@ def train(
         seed=seed,
     )
     result = run_train(config)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every process trains; rank 0 alone reports, as it logs
+        return
     val = f", val loss {result.val_loss:.4f} (perplexity {result.val_perplexity:.2f})" if result.val_loss else ""
     err_console.print(
         f"done: step {result.steps}, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s{val}; "
