@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,16 @@ def test_gemv_equals_f_linear(kind: str, k: int, rows: int) -> None:
     torch.testing.assert_close(got, F.linear(x, reference_weight, bias), rtol=1e-5, atol=1e-5 * k**0.5)
     no_bias = kernels.gemv(x, weight, None, scale)
     torch.testing.assert_close(no_bias, F.linear(x, reference_weight), rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+def test_the_avx2_path_on_a_cpu_that_has_avx512(tmp_path: Path) -> None:
+    """float32 weights with 3+ rows take an AVX-512 path where the CPU has it; TOYLLM_KERNEL_AVX512=0 keeps the AVX2
+    one. The test above runs whichever this CPU picks, so the other path runs here in a child process."""
+    env = {**os.environ, "TOYLLM_KERNEL_AVX512": "0"}
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "gemv_equals_f_linear"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout
 
 
 def test_the_operator_refuses_more_rows_than_it_has_room_for() -> None:
