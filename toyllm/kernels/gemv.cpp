@@ -166,8 +166,9 @@ void dot_two_outputs(const W* wrow, const float* x, int64_t M, int64_t K, float*
 // -- AVX-512, float32 weights only ----------------------------------------------------------------------------------
 // On a CPU that has it (checked at run time; the rest of the file needs only AVX2), a 16-wide FMA does twice the
 // work of an 8-wide one, and 32 registers hold 2 x 12 accumulators: a pair of weight rows meets up to 12 rows of x in
-// one pass, where AVX2's 16 registers take at most 6 (9 verification rows were two passes, 5 + 4). Measured on an
-// Intel Xeon with AVX-512 (docs/cpu_kernel.md): that is what made 9 rows cost about 1.5 one-row passes there.
+// one pass, where AVX2's 16 registers take at most 6 (9 verification rows were two passes, 5 + 4). One row goes the
+// same way, two output rows per pass with the prefetch. On an Intel Xeon with AVX-512, interleaved against the AVX2
+// code on the trained 6x384 target (docs/cpu_kernel.md): 1 / 3 / 9 rows took about 0.73 / 0.94 / 0.83 of its time.
 #define TOYLLM_AVX512 __attribute__((target("avx512f")))
 constexpr int kMaxRows512 = 12;
 
@@ -236,6 +237,23 @@ void gemv_kernel(const W* w, const float* x, const float* scale, const float* bi
     // Each thread takes a contiguous block of output rows: it streams its part of W exactly once.
     // Grain: at least 16 output rows per task, so a thread's work outweighs waking it.
     if (M == 1) {  // plain decoding: the hot path, one output row at a time, nothing else in the loop
+        if constexpr (std::is_same_v<W, float>) {
+            if (use_avx512()) {  // two output rows per pass with a prefetch, as for verification
+                at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t begin, int64_t end) {
+                    for (int64_t i = begin; i < end; ++i) {
+                        const int64_t n = 2 * i;
+                        float out[2];
+                        if (n + 1 < N)
+                            dot_rows_pair16<1>(w + n * K, x, K, &out[0], &out[1]);
+                        else
+                            dot_rows<W, 1, 4>(w + n * K, x, K, &out[0]);
+                        for (int64_t j = 0; j < std::min<int64_t>(2, N - n); ++j)
+                            y[n + j] = out[j] * (scale ? scale[n + j] : 1.0f) + (bias ? bias[n + j] : 0.0f);
+                    }
+                });
+                return;
+            }
+        }
         at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
             for (int64_t n = begin; n < end; ++n) {
                 float out;
