@@ -85,6 +85,13 @@ def test_loads_from_the_cache_offline(cache: Path, model_files: Any, repo_id: st
     assert weights_module.download(repo_id) == snapshot
 
 
+def test_gpt2_small_means_the_hubs_gpt2(cache: Path, model_files: Any) -> None:
+    """The seed project's name for the 124M model is no Hub repo; it was sent to the Hub as is."""
+    files, model = model_files
+    add_to_cache(cache, "gpt2", files)
+    assert_same_logits(GPT2LMHeadModel.from_pretrained("gpt2-small"), model)
+
+
 def test_explicit_cache_dir(cache: Path, tmp_path: Path, model_files: Any) -> None:
     files, model = model_files
     other = tmp_path / "elsewhere"
@@ -130,8 +137,9 @@ def test_not_in_cache_offline_says_how_to_proceed(cache: Path) -> None:
         GPT2LMHeadModel.from_pretrained("openai-community/gpt2-medium")
     message = str(err.value)
     assert "\n" not in message
-    for advice in ("local checkpoint directory", "HF_HUB_OFFLINE=1", "random:gpt2"):
+    for advice in ("local checkpoint directory", "offline mode is on", "where the Hub is reachable", "random:gpt2"):
         assert advice in message
+    assert "set HF_HUB_OFFLINE=1" not in message  # it is already set: that advice would go round in a circle
 
 
 def fake_response(status: int) -> Any:

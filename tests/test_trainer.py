@@ -294,3 +294,5 @@ def test_configuration_errors(data, tmp_path):
     assert finetuned.steps == 1 and GPT2LMHeadModel.from_pretrained(tmp_path / "ft" / "latest").config.n_positions == 32
     with pytest.raises(CheckpointError, match="n_layer=2 but this run asks for n_layer=3"):
         train(tiny_config(data, tmp_path / "small", n_layer=3, resume=True))
+    with pytest.raises(CheckpointError, match=r"block_size=32 but this run asks for block_size=\(not given\)"):
+        train(tiny_config(data, tmp_path / "small", block_size=None, resume=True))  # it printed 'None'

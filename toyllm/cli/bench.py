@@ -69,12 +69,11 @@ def _output_folder(path: Path) -> Path:
     return path
 
 
-Out = Annotated[
-    Path, typer.Option("--out", "-o", help="Directory for the JSON, CSV and PNG files.", callback=_output_folder)
-]
+OUT_HELP = "Directory for the results: JSON, plus the CSV, Markdown and PNG files this command makes."
+Out = Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP, callback=_output_folder)]
 # The group's own --out: click runs an option's callback even on its default, and the group's options are parsed for
 # every subcommand too, so `bench` checks its folder in its body, and only when it runs itself.
-GroupOut = Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON, CSV and PNG files.")]
+GroupOut = Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON, CSV, Markdown and PNG files.")]
 NoPlots = Annotated[bool, typer.Option("--no-plots", help="Write JSON and CSV only.")]
 
 DEFAULT_MODEL = "random:gpt2"

@@ -290,7 +290,12 @@ def _write_checkpoint(model: GPT2LMHeadModel, out: Path) -> None:
 # -- the Hugging Face Hub -------------------------------------------------------------------------------------
 
 
+# Names people use for GPT-2 that are no Hub repo: the seed project's `gpt2-small` is the Hub's `gpt2`.
+HUB_ALIASES = {"gpt2-small": "gpt2"}
+
+
 def _fetch(repo_id: str, cache_dir: str | Path | None, with_weights: bool) -> Path:
+    repo_id = HUB_ALIASES.get(repo_id, repo_id)
     config = _hub_file(repo_id, CONFIG_FILE, cache_dir)
     if config is None:
         raise CheckpointError(f"the Hub repo '{repo_id}' has no config.json; is it a GPT-2 model?")
@@ -351,10 +356,12 @@ def _hub_file(repo_id: str, filename: str, cache_dir: str | Path | None) -> Path
             f"(private models need HF_TOKEN){hint}"
         ) from exc
     except LocalEntryNotFoundError as exc:  # offline or unreachable, and not in the cache
-        reason = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the Hub is unreachable"
+        offline = constants.HF_HUB_OFFLINE
+        reason = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub is unreachable"
+        cache = "download it where the Hub is reachable" if offline else "set HF_HUB_OFFLINE=1 with a populated cache"
         raise HubUnavailableError(
             f"cannot get {filename} of '{repo_id}': {reason} and it is not in the Hugging Face cache; "
-            "use a local checkpoint directory, set HF_HUB_OFFLINE=1 with a populated cache, or use random:gpt2"
+            f"use a local checkpoint directory, {cache}, or use random:gpt2"
         ) from exc
     except EntryNotFoundError:
         return None

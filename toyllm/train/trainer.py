@@ -446,11 +446,15 @@ def check_compatible(
     saved: dict[str, Any], config: TrainConfig, saved_world: int, world: int, console: Console
 ) -> None:
     """A checkpoint resumes only a run with the same model; other differences are allowed but break exactness."""
+
+    def shown(value: Any) -> str:  # None is an option left out: the model's own value
+        return "(not given)" if value is None else repr(value)
+
     for name in ARCHITECTURE_FIELDS:
         if saved.get(name) != getattr(config, name):
             raise CheckpointError(
-                f"cannot resume: the checkpoint was trained with {name}={saved.get(name)!r} but this run asks for "
-                f"{name}={getattr(config, name)!r}; use the original options or another --out"
+                f"cannot resume: the checkpoint was trained with {name}={shown(saved.get(name))} but this run asks "
+                f"for {name}={shown(getattr(config, name))}; use the original options or another --out"
             )
     changed = [n for n in EXACTNESS_FIELDS if saved.get(n) != getattr(config, n)]
     if saved_world != world:
