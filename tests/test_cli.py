@@ -189,6 +189,17 @@ def test_a_file_system_refusal_is_one_line(cli, tmp_path: Path) -> None:
     result.assert_one_line_error("Not a directory")
 
 
+def test_an_abort_is_an_interrupt(capsys: pytest.CaptureFixture[str]) -> None:
+    """Older typers turn Ctrl-C into click's Abort, which the CLI (not click, in non-standalone mode) must handle."""
+    from toyllm.cli.app import _click, run_guarded
+
+    def aborts() -> None:
+        raise _click.exceptions.Abort() if hasattr(_click.exceptions, "Abort") else __import__("click").Abort()
+
+    assert run_guarded(aborts) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
 def test_an_unexpected_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """Some library errors carry a C++ stack trace over a dozen lines: the CLI keeps the first, exit code 1."""
     from toyllm.cli.app import run_guarded
@@ -229,6 +240,8 @@ def test_missing_checkpoint_directory(cli, tmp_path: Path) -> None:
     cli("generate", "Hello", *TINY, "--tokenizer", str(tmp_path / "empty")).assert_one_line_error("no vocab.json")
     # A bare name that is neither a folder nor a cached Hub tokenizer: a typo, which used to mean standard GPT-2.
     cli("generate", "Hello", *TINY, "--tokenizer", "nope").assert_one_line_error("--tokenizer nope", "no such folder")
+    for name in ("gpt2", "gpt2-small"):  # GPT-2 names all mean standard GPT-2's vocabulary, cached or not
+        assert cli("generate", "Hello", *TINY, "--tokenizer", name).code == 0
 
 
 def test_local_checkpoint(cli, checkpoint: Path) -> None:

@@ -79,6 +79,9 @@ def run_guarded(main: Callable[[], object]) -> int:
         err_console.print("interrupted", markup=False)
         return 130
     except Exception as exc:  # an unexpected failure: still one line, with the way to get details
+        if any(cls.__name__ == "Abort" for cls in type(exc).__mro__):  # click's Ctrl-C or end of input (older typer)
+            err_console.print("interrupted", markup=False)
+            return 130
         if os.environ.get("TOYLLM_DEBUG"):
             raise
         first = (str(exc).strip().splitlines() or [""])[0]  # some errors carry a C++ stack trace: keep one line

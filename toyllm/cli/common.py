@@ -23,8 +23,13 @@ from toyllm.cli.app import err_console, run_guarded
 from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, generate_text, stream_text
+from toyllm.gpt2.config import PRESET_ALIASES, PRESETS
 from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.gpt2.weights import HUB_ALIASES
 from toyllm.tokenizer import FILE_PAIRS, Tokenizer, hub_cache_folder, load_tokenizer, looks_like_path
+
+# Names whose vocabulary is standard GPT-2's, cached or not.
+GPT2_NAMES = frozenset(PRESETS) | frozenset(PRESET_ALIASES) | frozenset(HUB_ALIASES)
 
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 DEFAULT_MODEL = "gpt2"
@@ -68,21 +73,30 @@ def load_tokenizer_for(name_or_path: str | Path, override: str | Path | None = N
 def check_tokenizer_folder(override: str | Path) -> None:
     """`--tokenizer` names vocabulary files on purpose, so a path without them is an error, not standard GPT-2 (which
     `load_tokenizer` falls back to for a checkpoint that carries weights only). A file means the folder it is in.
-    A Hub id must have its vocabulary files in the local Hub cache (a typo would silently mean standard GPT-2);
-    the empty name is left to `load_tokenizer`."""
+    Hub ids are checked by `check_tokenizer_hub_id`, once the model (perhaps that same id) is downloaded; the empty
+    name is left to `load_tokenizer`."""
     if str(override) == "":
         return
     path = Path(override).expanduser()
-    if not path.exists() and not looks_like_path(str(override)) and hub_cache_folder(str(override)) is None:
-        raise InvalidArgumentError(
-            f"--tokenizer {override}: no such folder, and no Hub tokenizer of that name in the local cache "
-            "(give a folder with vocab.json and merges.txt)"
-        )
     folder = path.parent if path.is_file() else path
     if path.exists() and not any(
         (folder / ids).is_file() and (folder / merges).is_file() for ids, merges in FILE_PAIRS
     ):
         raise InvalidArgumentError(f"--tokenizer {path}: {folder} holds no vocab.json and merges.txt")
+
+
+def check_tokenizer_hub_id(override: str | Path) -> None:
+    """A bare `--tokenizer NAME` that is no folder: a GPT-2 name (all share standard GPT-2's vocabulary), or a Hub id
+    whose vocabulary files are in the local cache. Anything else is most likely a typo, which used to mean standard
+    GPT-2 without a word. Asked after the model loads, since loading `--model NAME` is what fetches its files."""
+    name = str(override)
+    if name == "" or Path(name).expanduser().exists() or looks_like_path(name) or name in GPT2_NAMES:
+        return
+    if hub_cache_folder(HUB_ALIASES.get(name, name)) is None:
+        raise InvalidArgumentError(
+            f"--tokenizer {name}: no such folder, and no Hub tokenizer of that name in the local cache "
+            "(give a folder with vocab.json and merges.txt)"
+        )
 
 
 def check_draft_options(
@@ -210,6 +224,8 @@ def run_generate(
     if tokenizer is not None:
         check_tokenizer_folder(tokenizer)  # before the model loads
     lm = load_model(model, target_device, target_dtype, config.seed)
+    if tokenizer is not None:
+        check_tokenizer_hub_id(tokenizer)
     tok = load_tokenizer_for(model, tokenizer)
     draft_model = load_draft(
         lm, draft, draft_layers, target_device, target_dtype, draft_vocab, draft_vocab_data, tok.eos_token_id
