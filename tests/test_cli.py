@@ -189,6 +189,20 @@ def test_a_file_system_refusal_is_one_line(cli, tmp_path: Path) -> None:
     result.assert_one_line_error("Not a directory")
 
 
+def test_only_an_os_error_about_a_path_is_the_users(capsys: pytest.CaptureFixture[str]) -> None:
+    from toyllm.cli.app import run_guarded
+
+    def no_path() -> None:
+        raise OSError(12, "Cannot allocate memory")  # no file named: the machine or a library, not the user's input
+
+    assert run_guarded(no_path) == 1 and "internal error: OSError" in capsys.readouterr().err
+
+    def broken_pipe() -> None:
+        raise BrokenPipeError(32, "Broken pipe")  # `toyllm generate ... | head`: the reader left
+
+    assert run_guarded(broken_pipe) == 1 and capsys.readouterr().err == ""
+
+
 def test_an_abort_is_an_interrupt(capsys: pytest.CaptureFixture[str]) -> None:
     """Older typers turn Ctrl-C into click's Abort, which the CLI (not click, in non-standalone mode) must handle."""
     from toyllm.cli.app import _click, run_guarded

@@ -6,6 +6,7 @@ Subcommand modules (`generate.py`, `bench.py`, `train.py`, ...) import `app` fro
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -70,20 +71,23 @@ def run_guarded(main: Callable[[], object]) -> int:
     except _click.exceptions.ClickException as exc:  # e.g. an unreadable file given to a typer.FileText option
         print_error(" ".join(exc.format_message().split()))
         return exc.exit_code
-    except OSError as exc:  # the file system said no: the user's paths or machine, not a bug of ours
-        if os.environ.get("TOYLLM_DEBUG"):
-            raise
-        print_error(str(exc))
-        return 2
+    except BrokenPipeError:  # `toyllm generate ... | head`: the reader left; say nothing, as other tools do
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes stdout at exit: point it somewhere)
+        return 1
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
         return 130
-    except Exception as exc:  # an unexpected failure: still one line, with the way to get details
+    except Exception as exc:
         if any(cls.__name__ == "Abort" for cls in type(exc).__mro__):  # click's Ctrl-C or end of input (older typer)
             err_console.print("interrupted", markup=False)
             return 130
         if os.environ.get("TOYLLM_DEBUG"):
             raise
+        if isinstance(exc, OSError) and exc.filename is not None:  # the file system refused one of the user's paths:
+            print_error(str(exc))  # a folder that is a file, no permission, a full disk
+            return 2
+        # An unexpected failure: still one line, with the way to get details.
         first = (str(exc).strip().splitlines() or [""])[0]  # some errors carry a C++ stack trace: keep one line
         err_console.print(
             f"internal error: {type(exc).__name__}: {first} (set TOYLLM_DEBUG=1 for the traceback)",
