@@ -14,6 +14,8 @@ per-step allocation check (no cache tensors allocated while decoding) need, on a
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,9 +85,37 @@ class AllocationTrace:
 
 
 @contextmanager
+def _c_stderr_hidden() -> Iterator[None]:
+    """Hide what C++ code writes to file descriptor 2 meanwhile: torch's profiler prints 'USDT ... profiler_start'
+    and '... profiler_stop' lines (and an allocator warning) when it starts and stops, which no setting turns off."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+@contextmanager
+def quiet_profile(**kwargs: Any) -> Iterator[Any]:
+    """`torch.profiler.profile(**kwargs)` without its start and stop lines on stderr (the workload's stay visible)."""
+    prof = profile(**kwargs)
+    with _c_stderr_hidden():
+        prof.start()
+    try:
+        yield prof
+    finally:
+        with _c_stderr_hidden():
+            prof.stop()
+
+
+@contextmanager
 def _profiled(device: torch.device) -> Iterator[Any]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, profile_memory=True) as prof:
+    with quiet_profile(activities=activities, profile_memory=True) as prof:
         yield prof
 
 

@@ -92,13 +92,15 @@ def decode_profile(mode: Mode, input_ids: torch.Tensor, steps: int = 16, top: in
     Two profiled runs: one of 1 + `steps` tokens and one of 1 token (prefill and first sampling only). Their
     per-operator difference is what the `steps` decode steps cost, without having to reach inside the loop.
     """
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
+
+    from toyllm.bench.memory import quiet_profile
 
     device = input_ids.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
     def op_times(n: int) -> dict[str, tuple[float, int]]:
-        with profile(activities=activities) as prof:
+        with quiet_profile(activities=activities) as prof:
             mode.run(input_ids, n, lambda block: None)
             sync(device)
         return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
