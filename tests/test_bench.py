@@ -279,3 +279,12 @@ def test_allocation_trace_replays_allocations_and_frees() -> None:
     trace = trace_allocations(work)
     assert trace.allocations == 3 and trace.largest_bytes >= 2000
     assert trace.peak_bytes >= 2500 and trace.allocated_bytes >= 3500
+
+
+def test_the_profiler_keeps_quiet_on_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    """torch's profiler writes 'USDT ... profiler_start' and '... profiler_stop' lines to file descriptor 2 (not
+    Python's sys.stderr) in every `toyllm bench`; the bench hides them, and only them."""
+    trace = trace_allocations(lambda: torch.ones(1000) + 1)
+    assert trace.allocations >= 1
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "profiler_stop" not in err
