@@ -170,7 +170,7 @@ def generate(
         bool,
         typer.Option(
             "--cpu-kernel",
-            help="Decode through toyllm's AVX2 matrix-vector kernel (compiled on first use; CPU only).",
+            help="Decode through toyllm's AVX2 (and AVX-512) matrix-vector kernel (compiled on first use; CPU only).",
             rich_help_panel=MODEL,
         ),
     ] = False,
