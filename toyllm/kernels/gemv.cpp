@@ -236,24 +236,9 @@ void gemv_kernel(const W* w, const float* x, const float* scale, const float* bi
                  int64_t K) {
     // Each thread takes a contiguous block of output rows: it streams its part of W exactly once.
     // Grain: at least 16 output rows per task, so a thread's work outweighs waking it.
-    if (M == 1) {  // plain decoding: the hot path, one output row at a time, nothing else in the loop
-        if constexpr (std::is_same_v<W, float>) {
-            if (use_avx512()) {  // two output rows per pass with a prefetch, as for verification
-                at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t begin, int64_t end) {
-                    for (int64_t i = begin; i < end; ++i) {
-                        const int64_t n = 2 * i;
-                        float out[2];
-                        if (n + 1 < N)
-                            dot_rows_pair16<1>(w + n * K, x, K, &out[0], &out[1]);
-                        else
-                            dot_rows<W, 1, 4>(w + n * K, x, K, &out[0]);
-                        for (int64_t j = 0; j < std::min<int64_t>(2, N - n); ++j)
-                            y[n + j] = out[j] * (scale ? scale[n + j] : 1.0f) + (bias ? bias[n + j] : 0.0f);
-                    }
-                });
-                return;
-            }
-        }
+    // float32 weights on an AVX-512 CPU take the 16-wide pair pass for one row (plain decoding) and for 3 or more.
+    const bool wide = std::is_same_v<W, float> && M != 2 && use_avx512();
+    if (M == 1 && !wide) {  // plain decoding: the hot path, one output row at a time, nothing else in the loop
         at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
             for (int64_t n = begin; n < end; ++n) {
                 float out;
@@ -266,7 +251,6 @@ void gemv_kernel(const W* w, const float* x, const float* scale, const float* bi
     // Two rows of x (the draft's catch-up) go one output row at a time: memory is their only limit, and in the A/B
     // the pair path cost them about 10% more. Three or more (verification, small batches) go two at a time.
     const int64_t step = M == 2 ? 1 : 2;
-    const bool wide = std::is_same_v<W, float> && step == 2 && use_avx512();  // float32 weights, 3+ rows
     at::parallel_for(0, (N + step - 1) / step, 16 / step, [&](int64_t begin, int64_t end) {
         float out[2][kMaxRows];
         for (int64_t i = begin; i < end; ++i) {
