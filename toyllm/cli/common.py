@@ -92,7 +92,7 @@ def check_tokenizer_hub_id(override: str | Path) -> None:
     name = str(override)
     if name == "" or Path(name).expanduser().exists() or looks_like_path(name) or name in GPT2_NAMES:
         return
-    if hub_cache_folder(HUB_ALIASES.get(name, name)) is None:
+    if hub_cache_folder(name) is None:  # (HUB_ALIASES' names are GPT-2 names: they returned above)
         raise InvalidArgumentError(
             f"--tokenizer {name}: no such folder, and no Hub tokenizer of that name in the local cache "
             "(give a folder with vocab.json and merges.txt)"

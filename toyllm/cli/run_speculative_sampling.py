@@ -24,9 +24,7 @@ if __name__ == "__main__" and not __package__:
 
 from toyllm.cli.common import add_generation_arguments, run_generate, run_guarded, script_config  # noqa: E402
 from toyllm.generation import LOOKAHEAD_SCHEDULES  # noqa: E402
-
-# The seed project's names that are not Hugging Face Hub ids.
-HUB_ALIASES = {"gpt2-small": "gpt2"}
+from toyllm.gpt2.weights import HUB_ALIASES  # noqa: E402  (the seed project's names that are no Hub ids)
 
 
 def hub_name(name: str) -> str:
