@@ -193,10 +193,13 @@ class SpeculativeDecoder:
         confidences, q, drafts = self._propose(k)
         k = len(drafts)
         verified = self.stats.verify_seconds
-        scores = self._target_scores(k)  # (k + 1, V) processed logits
+        scores, verify_start = self._target_scores(k)  # (k + 1, V) processed logits
         if self.greedy:  # p and q are one-hots: compare argmaxes (verify_greedy), no distributions needed
-            n, nxt = verify_greedy(drafts, greedy(scores).tolist())
+            best = greedy(scores).tolist()
+            self._count_verify(verify_start, synced=True)
+            n, nxt = verify_greedy(drafts, best)
         else:
+            self._count_verify(verify_start, synced=False)
             p = logits_to_probs(scores, cfg.temperature)  # (k + 1, V)
             n, nxt = self._verify(self.tokens[L : L + k], q, p, self.generator)
         self.tokens[L + n] = nxt  # overwrite the first rejected draft (or write the bonus token)
@@ -266,17 +269,23 @@ class SpeculativeDecoder:
         qs: list[torch.Tensor] = []
         for i in range(1, k + 1):
             pos = L + i - 1  # index of the token to propose
-            logits = self._timed_draft(self.tokens[None, dw.end : pos])  # (1, V)
+            ids = self.tokens[None, dw.end : pos]  # the 1 or 2 tokens its cache lacks (the context after a slide)
+            start = time.perf_counter()
+            logits = prefill(self.draft, dw.cache, ids, chunk_size=self.config.chunk_size)  # (1, V)
             processed = self._process(logits, self.tokens[None, :pos])
             # The draft's confidence: its top probability (before the greedy one-hot, so it means something at T=0).
             confidence = float(draft_confidence(self.draft, processed)) if self.schedule.uses_confidence else math.nan
             if not self.schedule.keep_drafting(i, confidence) and i > 1:
+                self._count_draft(ids.shape[1], start, synced=self.schedule.uses_confidence)
                 break
             if self.greedy:
                 token = int(greedy(processed))  # q would be the one-hot on it; verify_greedy needs only the token
             else:
                 token, q = self._draft_token(logits, processed)
                 qs.append(q)
+            # Reading the token waited for the GPU: the step is timed up to here with no synchronize of its own (a
+            # second one per draft token, after the forward, cost a visible share of a round on an H100).
+            self._count_draft(ids.shape[1], start, synced=True)
             self.tokens[pos] = token
             drafts.append(token)
             confidences.append(confidence)
@@ -293,53 +302,63 @@ class SpeculativeDecoder:
         token = int(sample(processed, self.config.temperature, self.generator))
         return token, logits_to_probs(processed, self.config.temperature)[0]
 
-    def _timed_draft(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed the draft the tokens its cache lacks (1 or 2 while decoding, the context after a slide)."""
-        start = time.perf_counter()
-        logits = prefill(self.draft, self.draft_window.cache, ids, chunk_size=self.config.chunk_size)  # (1, V)
-        _sync(ids.device)
+    def _count_draft(self, fed: int, start: float, *, synced: bool) -> None:
+        """Book one draft step (a forward over `fed` tokens, and choosing its token) begun at `start`."""
+        if not synced:
+            _sync(self.tokens.device)
         elapsed = time.perf_counter() - start
         s = self.stats
         s.draft_forwards += 1
         s.draft_seconds += elapsed
-        if ids.shape[1] > 2:
+        if fed > 2:
             s.draft_prefills += 1
             s.draft_prefill_seconds += elapsed
         if not self.draft_window.primed:  # its first forward feeds the prompt (later fills are slides: decoding)
             self.draft_window.primed = True
             s.prompt_forwards += 1
             s.prompt_seconds += elapsed
-        return logits
 
     # -- the target --------------------------------------------------------------------------------------------
 
-    def _target_scores(self, k: int) -> torch.Tensor:
-        """One verification forward over tokens[L - 1 : L + k]; return its logits (k + 1, V), processed row by row."""
+    def _target_scores(self, k: int) -> tuple[torch.Tensor, float]:
+        """Launch one verification forward over tokens[L - 1 : L + k]; return its logits (k + 1, V), processed row by
+        row, and when the forward began, for `_count_verify` once the round has read what it needs."""
         L, tw, s = self.length, self.target_window, self.stats
         device = self.tokens.device
         start = time.perf_counter()
         prefilled = tw.end < L - 1
         if prefilled:  # the prompt (or the context after a slide), without its last token
             prefill(self.target, tw.cache, self.tokens[None, tw.end : L - 1], chunk_size=self.config.chunk_size)
+            _sync(device)
+            elapsed = time.perf_counter() - start
             s.target_forwards += 1
-        _sync(device)
+            s.target_seconds += elapsed
+            if not tw.primed:  # the prompt's prefill (a slide's re-prefill later is part of decoding)
+                s.prompt_forwards += 1
+                s.prompt_seconds += elapsed
+        tw.primed = True
         verify_start = time.perf_counter()
         logits = self.target(self.tokens[None, L - 1 : L + k], cache=tw.cache, logits_to_keep=k + 1)[0]  # (k+1, V)
-        _sync(device)
-        end = time.perf_counter()
-        s.target_forwards += 1
-        s.target_seconds += end - start
-        s.verify_seconds += end - verify_start
-        if prefilled and not tw.primed:  # the prompt's prefill (a slide's re-prefill later is part of decoding)
-            s.prompt_forwards += 1
-            s.prompt_seconds += verify_start - start
-        tw.primed = True
         previous = valid = None
         if self.config.repetition_penalty != 1.0:
             # Row j predicts position L + j, after tokens[:L + j]: the penalty must see exactly that prefix.
             previous = self.tokens[None, : L + k].expand(k + 1, -1)  # (k+1, L+k)
             valid = torch.arange(L + k, device=device)[None] < (L + torch.arange(k + 1, device=device))[:, None]
-        return self._process(logits, previous, valid)
+        return self._process(logits, previous, valid), verify_start
+
+    def _count_verify(self, start: float, *, synced: bool) -> None:
+        """Book the verification forward begun at `start`, with processing its logits and reading the outcome.
+
+        In a greedy round the argmaxes' read is the round's one wait for the target, so it ends the timing (as the
+        argmax's read ends a plain decoding step) instead of a synchronize of its own.
+        """
+        if not synced:
+            _sync(self.tokens.device)
+        elapsed = time.perf_counter() - start
+        s = self.stats
+        s.target_forwards += 1
+        s.target_seconds += elapsed
+        s.verify_seconds += elapsed
 
     # The acceptance rule at temperature > 0, a plain function (see verify.py); a class attribute so that a test can
     # swap in a broken one. (Temperature 0 takes verify_greedy, which needs no distributions.)

@@ -23,9 +23,12 @@ class SpeculativeStats:
     target_forwards: int = 0  # verification forwards + prompt prefills (and re-prefills after a window slide)
     draft_forwards: int = 0  # every draft forward, its prompt prefill included
     draft_prefills: int = 0  # draft forwards that fed more than 2 tokens (the prompt, or the context after a slide)
+    # The one-prompt decoder times each forward up to the host's read of its outcome (the token, the argmaxes): on a
+    # GPU that read is the wait for the forward, and a synchronize of its own only added to the round. The batch
+    # decoder, which keeps its tokens on the device, synchronizes after each forward to time it.
     target_seconds: float = 0.0  # all target forwards
-    verify_seconds: float = 0.0  # the verification forwards alone
-    draft_seconds: float = 0.0  # all draft forwards
+    verify_seconds: float = 0.0  # the verification forwards alone, with processing their logits
+    draft_seconds: float = 0.0  # all draft forwards, with choosing their tokens
     draft_prefill_seconds: float = 0.0
     # Each model's first fill with the prompt, per generation: the target's prefill (the prompt but its last token)
     # and the draft's first forward (the whole prompt; it also yields the first proposal). Not decoding, see
