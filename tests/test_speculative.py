@@ -145,6 +145,44 @@ def test_prompt_seconds_count_each_prompt_once_and_no_slide() -> None:
     assert 0 < stats.decode_seconds < stats.total_seconds
 
 
+def test_a_round_waits_for_the_device_only_where_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every synchronize drains the queue, so a round must not add its own where a read already waits: a
+    greedy round synchronizes once (at its end), plus once per target prefill. A draft step that the schedule
+    discards without reading anything (no confidence asked) is the one place that still needs its own, so that its
+    time is the forward's and not only the launch's. `_sync` does nothing on the CPU; here it is counted instead."""
+    from toyllm.speculative import decode
+    from toyllm.speculative.schedules import ConstantSchedule
+
+    calls = []
+    monkeypatch.setattr(decode, "_sync", lambda device: calls.append(device))
+
+    class StopAfterTwo(ConstantSchedule):  # asks for no confidence, then turns the third draft down
+        refused = 0
+
+        def keep_drafting(self, index: int, confidence: float) -> bool:
+            self.refused += index > 2
+            return index <= 2
+
+    target, draft = tiny(3), tiny(4, n_layer=1)
+    ids = torch.arange(1, 6)[None]  # 5 tokens: the target prefills 4 in the first round
+    for schedule in (None, StopAfterTwo):
+        config = GenerationConfig(max_new_tokens=30, temperature=0.0, eos_token_id=None, lookahead=4)
+        calls.clear()
+        made = schedule(config) if schedule is not None else None
+        out, stats = spec_generate(target, draft, ids, config, schedule=made)
+        assert torch.equal(out, generate(target, ids, config))
+        prefills = stats.target_forwards - stats.rounds
+        assert prefills == 1
+        if schedule is None:
+            assert stats.draft_forwards == sum(stats.lookaheads)
+            assert len(calls) == stats.rounds + prefills
+        else:
+            assert isinstance(made, StopAfterTwo)
+            broke = made.refused  # each refusal discarded a draft forward: the third one
+            assert broke > 0 and max(stats.lookaheads) == 2 and stats.draft_forwards == sum(stats.lookaheads) + broke
+            assert len(calls) == stats.rounds + prefills + broke
+
+
 def test_stats_total_adds_separate_runs_like_one_shared_stats() -> None:
     """The bench keeps each prompt's fastest run and adds their stats: the sum equals one shared SpeculativeStats."""
     target, draft = tiny(3, n_positions=12), tiny(4, n_layer=1, n_positions=8)

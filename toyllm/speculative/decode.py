@@ -283,8 +283,8 @@ class SpeculativeDecoder:
             else:
                 token, q = self._draft_token(logits, processed)
                 qs.append(q)
-            # Reading the token waited for the GPU: the step is timed up to here with no synchronize of its own (a
-            # second one per draft token, after the forward, cost a visible share of a round on an H100).
+            # Reading the token waited for the GPU (q, on the sampling path, was queued before it): the step is timed up
+            # to here with no synchronize of its own (one per draft token cost a visible share of a round on an H100).
             self._count_draft(ids.shape[1], start, synced=True)
             self.tokens[pos] = token
             drafts.append(token)
@@ -299,8 +299,8 @@ class SpeculativeDecoder:
         `logits` (the raw ones) is unused here; it is passed so that a test can plant the classic bug (q from raw
         logits) and watch the output distribution go wrong.
         """
-        token = int(sample(processed, self.config.temperature, self.generator))
-        return token, logits_to_probs(processed, self.config.temperature)[0]
+        q = logits_to_probs(processed, self.config.temperature)[0]  # queued first: reading the token then waits for it
+        return int(sample(processed, self.config.temperature, self.generator)), q
 
     def _count_draft(self, fed: int, start: float, *, synced: bool) -> None:
         """Book one draft step (a forward over `fed` tokens, and choosing its token) begun at `start`."""

@@ -62,8 +62,9 @@ class LookaheadSchedule:
         """Learn from a finished round: `proposed` drafts, of which the first `accepted` were kept.
 
         `confidences[i]` is the draft's top probability for draft i + 1; `cost_ratio` is the measured time of one
-        draft forward divided by one target verification forward (None until both have been timed);
-        `verify_seconds` is how long this round's verification forward took (None where it was not timed).
+        draft step divided by one target verification (None until both have been timed; `SpeculativeStats` says
+        what each includes); `verify_seconds` is how long this round's verification took (None where it was not
+        timed).
         """
 
     def update_rows(
@@ -346,7 +347,8 @@ class ThresholdSchedule(LookaheadSchedule):
         unit = self.verify_cost.unit
         if self.fixed_cost_ratio is None:
             # c: a whole draft step as this schedule timed it (the forward and the processing around it, which for
-            # a small draft is a large part), else the decoder's measure (its draft forwards alone).
+            # a small draft is a large part), else the decoder's measure (see SpeculativeStats: for one prompt the
+            # forward and choosing its token, in a batch the forward alone).
             if self._draft_steps and unit is not None and verify_seconds is not None:
                 self.cost_ratio = self._draft_step_seconds / self._draft_steps / unit
             elif cost_ratio is not None:

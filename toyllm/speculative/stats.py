@@ -23,12 +23,15 @@ class SpeculativeStats:
     target_forwards: int = 0  # verification forwards + prompt prefills (and re-prefills after a window slide)
     draft_forwards: int = 0  # every draft forward, its prompt prefill included
     draft_prefills: int = 0  # draft forwards that fed more than 2 tokens (the prompt, or the context after a slide)
-    # The one-prompt decoder times each forward up to the host's read of its outcome (the token, the argmaxes): on a
-    # GPU that read is the wait for the forward, and a synchronize of its own only added to the round. The batch
-    # decoder, which keeps its tokens on the device, synchronizes after each forward to time it.
+    # The one-prompt decoder (decode.py) times each draft step up to the host's read of its token, and a greedy
+    # verification up to the read of its argmaxes: on a GPU that read is the wait for the forward, and a synchronize
+    # of its own only added to the round. Prefills, sampled verifications and a draft step the schedule discards end
+    # at a synchronize. So there, draft steps include choosing their tokens (q too) and verifications include
+    # processing their logits. The batch decoder (batch.py), which keeps its tokens on the device, synchronizes right
+    # after each forward and times the forward alone.
     target_seconds: float = 0.0  # all target forwards
-    verify_seconds: float = 0.0  # the verification forwards alone, with processing their logits
-    draft_seconds: float = 0.0  # all draft forwards, with choosing their tokens
+    verify_seconds: float = 0.0  # the verification forwards alone
+    draft_seconds: float = 0.0  # all draft forwards
     draft_prefill_seconds: float = 0.0
     # Each model's first fill with the prompt, per generation: the target's prefill (the prompt but its last token)
     # and the draft's first forward (the whole prompt; it also yields the first proposal). Not decoding, see
@@ -87,7 +90,7 @@ class SpeculativeStats:
 
     @property
     def other_seconds(self) -> float:
-        """Time in neither model: sampling, acceptance tests, bookkeeping."""
+        """Time in neither model: the acceptance test (and p), stop checks, bookkeeping; in a batch, sampling too."""
         return self.total_seconds - self.target_seconds - self.draft_seconds
 
     def summary(self) -> dict[str, float | int]:
