@@ -84,12 +84,15 @@ def test_distill_command_then_train_a_draft_on_it(data, tmp_path, capsys) -> Non
     code = run_app([str(a) for a in argv])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "wrote" in err and "4 sequences" in err
+    assert "wrote" in err and "4 sequences" in err and "replacing" not in err
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["distilled"]["teacher"] == "random:gpt2-tiny" and meta["train_tokens"] == 3 * 32 + 2
     result = train(tiny_config(tmp_path / "d", tmp_path / "run", block_size=16, max_steps=2, eval_interval=2))
     assert result.steps == 2 and np.isfinite(result.val_loss)
     capsys.readouterr()
+
+    code = run_app([str(a) for a in argv])  # the same folder again: replaced, and said so
+    assert code == 0 and "(replacing the dataset that was there)" in " ".join(capsys.readouterr().err.split())
 
     code = run_app([str(a) for a in [*argv[:5], "--out", tmp_path / "e", "--temperature=-1"]])
     err = capsys.readouterr().err

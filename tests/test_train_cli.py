@@ -30,6 +30,9 @@ def test_prepare_train_eval(tmp_path, data, capsys):
     src.write_text("To be, or not to be, that is the question.\n" * 50, encoding="utf-8")
     code, out = run(["prepare", "--input", src, "--output", tmp_path / "d", "--no-progress"], capsys)
     assert code == 0 and "train" in out and (tmp_path / "d" / "train.bin").is_file()
+    assert "replacing" not in out
+    code, again = run(["prepare", "--input", src, "--output", tmp_path / "d", "--no-progress"], capsys)
+    assert code == 0 and "(replacing the dataset that was there)" in " ".join(again.split())  # rich wraps lines
 
     argv = [
         "train",
