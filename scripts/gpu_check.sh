@@ -115,6 +115,12 @@ if [ "${DEEP:-0}" = 1 ] && [ "$PAIR" = 1 ]; then
     -n $(pick 8 96) --lookaheads 2,4,8 --schedules constant --device $DEVICE --out $W/spec_deep"
 fi
 step verify_cost 90 "python3 scripts/verify_cost.py --device $DEVICE --repeats $(pick 5 200) --out $W/verify_cost.json"
+# The twelfth session's bf16 run of the pair (the full bench above with --dtype bfloat16) was cut at 75 s where
+# float32 took about 30 s; this short probe shows alpha and the time split in bf16, to find out why.
+[ "$PAIR" = 1 ] && step spec_bf16_probe 60 "toyllm bench speculative --target $D/target/best \
+  --draft $D/draft-distilled/best --cases draft --draft-vocab 1024 --draft-vocab-data $D/distill \
+  --prompt-file .gpu/tinyshakespeare.txt --prompts 1 --repeats 1 -n $(pick 8 32) --lookaheads 2,8 \
+  --schedules constant --dtype bfloat16 --device $DEVICE --out $W/spec_bf16_probe"
 [ "$PAIR" = 1 ] || echo "trained pair: a step failed, later ones skipped" >> "$W/steps.txt"
 if [ -n "$TESTS_K" ]; then
   step tests 480 "python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -k '$TESTS_K'"
