@@ -302,6 +302,7 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor, min_expected: 
 PLAIN = dict(temperature=1.0, top_k=0)
 # Temperature 0.7, not 1: at 1 a decoder that dropped the temperature would pass unseen (NoTemperatureDecoder).
 FILTERED = dict(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.5)
+FILTERED_T1 = dict(temperature=1.0, top_k=5, top_p=0.9)  # the issue's case: temperature 1 with top-k and top-p
 
 
 def dist_config(knobs: dict) -> GenerationConfig:
@@ -348,8 +349,8 @@ class NoTemperatureDecoder(SpeculativeDecoder):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "knobs, schedule",
-    [(PLAIN, fixed_threshold), (FILTERED, None)],
-    ids=["temperature1-threshold-schedule", "temperature0.7-topk-topp-penalty"],
+    [(PLAIN, fixed_threshold), (FILTERED_T1, None), (FILTERED, None)],
+    ids=["temperature1-threshold-schedule", "temperature1-topk-topp", "temperature0.7-topk-topp-penalty"],
 )
 def test_distribution_is_exactly_the_targets(small_pair, knobs, schedule) -> None:
     target, draft = small_pair
@@ -424,12 +425,23 @@ def assert_cache_equals_prefill(cache: KVCache, model: GPT2LMHeadModel, ids: tor
 
 @pytest.mark.parametrize("kind", ["same", "unrelated", "self"])
 @pytest.mark.parametrize("n_positions", [64, 12])
-def test_caches_equal_fresh_prefill_after_every_round(kind: str, n_positions: int) -> None:
+@pytest.mark.parametrize(
+    "schedule, temperature", [("constant", 1.0), ("constant", 0.0), ("heuristic", 1.0), ("threshold", 0.0)]
+)
+def test_caches_equal_fresh_prefill_after_every_round(
+    kind: str, n_positions: int, schedule: str, temperature: float
+) -> None:
+    """After every round, whatever the schedule (threshold rounds stop early and drop a draft forward) and at
+    temperature 0 (greedy verification) as at 1."""
     target = tiny(0, n_positions=n_positions)
     draft = {"same": target, "unrelated": tiny(7, n_layer=1, n_positions=n_positions), "self": target.first_layers(1)}
     fed: list[int] = []  # tokens the target was fed, per forward
-    config = GenerationConfig(max_new_tokens=30, temperature=1.0, top_k=0, seed=1, eos_token_id=None, lookahead=3)
-    dec = SpeculativeDecoder(target, draft[kind], prompts(96, (5,))[0], config)
+    config = GenerationConfig(
+        max_new_tokens=30, temperature=temperature, top_k=0, seed=1, eos_token_id=None, lookahead=3,
+        lookahead_schedule=schedule, max_lookahead=6,
+    )  # fmt: skip
+    made = fixed_threshold(config) if schedule == "threshold" else None  # K independent of timings
+    dec = SpeculativeDecoder(target, draft[kind], prompts(96, (5,))[0], config, schedule=made)
 
     def record(module, args, kwargs) -> None:
         if kwargs.get("cache") is dec.target_window.cache:
@@ -452,6 +464,21 @@ def test_caches_equal_fresh_prefill_after_every_round(kind: str, n_positions: in
     if n_positions == 64 and kind != "same":  # no slide: the prompt (minus its last token), then k + 1 per round
         assert fed == [4] + [k + 1 for k in dec.stats.lookaheads]
     assert dec.stats.new_tokens == 30
+
+
+def test_self_draft_shares_the_targets_weights_without_a_copy() -> None:
+    """`first_layers` lists the target's own modules again: every draft parameter IS a target parameter (same
+    storage), so a change to the target is the draft's too, and the draft costs no memory of its own."""
+    target = tiny(0)
+    draft = target.first_layers(2)
+    target_storage = {p.data_ptr() for p in target.parameters()}
+    assert {p.data_ptr() for p in draft.parameters()} <= target_storage
+    assert sum(p.numel() for p in draft.parameters()) < sum(p.numel() for p in target.parameters())
+    with torch.no_grad():
+        target.transformer.h[0].attn.c_attn.weight.add_(1.0)
+        target.transformer.ln_f.weight.mul_(2.0)
+    assert torch.equal(draft.transformer.h[0].attn.c_attn.weight, target.transformer.h[0].attn.c_attn.weight)
+    assert torch.equal(draft.transformer.ln_f.weight, target.transformer.ln_f.weight)
 
 
 # -- stops, streaming, statistics -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from kernel_helpers import KernelCalls, needs_kernel
 from test_speculative import (
     ALPHA,
     FILTERED,
+    FILTERED_T1,
     N_BROKEN,
     N_SAMPLES,
     PLAIN,
@@ -368,8 +369,8 @@ class RawQBatchDecoder(BatchSpeculativeDecoder):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "knobs, schedule",
-    [(PLAIN, fixed_threshold), (FILTERED, None)],
-    ids=["temperature1-threshold-schedule", "temperature0.7-topk-topp-penalty"],
+    [(PLAIN, fixed_threshold), (FILTERED_T1, None), (FILTERED, None)],
+    ids=["temperature1-threshold-schedule", "temperature1-topk-topp", "temperature0.7-topk-topp-penalty"],
 )
 def test_batch_distribution_is_exactly_the_targets(small_pair, knobs, schedule) -> None:
     target, draft = small_pair
