@@ -122,6 +122,44 @@ def test_seed_scripts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "tokens/s" in cached.err
 
 
+SPECULATIVE_SCRIPT = str(ROOT / "toyllm/cli/run_speculative_sampling.py")
+
+
+def test_seed_speculative_script_runs_as_a_file(tmp_path: Path) -> None:
+    """The issue's command works from a checkout, run as a file (the script repairs sys.path itself), offline with
+    random presets; its statistics go to stderr."""
+    result = run_process(
+        [SPECULATIVE_SCRIPT, "--target_model", "random:gpt2-tiny", "--draft_model", "random:gpt2-tiny",
+         "--lookahead", "5", "--max_new_tokens", "4", "--seed", "0"], tmp_path,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert "acceptance_rate" in result.err and "Traceback" not in result.err
+
+
+def test_seed_speculative_command_verbatim_offline_fails_cleanly(tmp_path: Path) -> None:
+    """`--target_model gpt2-medium --draft_model gpt2-small --lookahead 5`, exactly: here (no Hub, empty cache) one
+    line naming the model, exit 2."""
+    result = run_process(
+        [SPECULATIVE_SCRIPT, "--target_model", "gpt2-medium", "--draft_model", "gpt2-small", "--lookahead", "5"],
+        tmp_path,
+    )
+    result.assert_one_line_error("gpt2-medium")
+
+
+@pytest.mark.parametrize(
+    "script, flags, fragment",
+    [
+        ("run_speculative_sampling.py", ["--lookahead_schedule", "bogus"], "--lookahead_schedule"),
+        ("run_speculative_sampling.py", ["--lookahead", "abc"], "--lookahead"),
+        ("run_gpt2.py", ["--max_length", "abc"], "--max_length"),
+        ("run_gpt2.py", ["--no_such_flag"], "--no_such_flag"),
+    ],
+)
+def test_seed_script_usage_errors_are_one_line(tmp_path: Path, script: str, flags: list[str], fragment: str) -> None:
+    """argparse prints its whole usage block before the error; the seed scripts print the error alone."""
+    run_process([str(ROOT / "toyllm/cli" / script), *flags], tmp_path).assert_one_line_error(fragment)
+
+
 def test_seed_invocation_offline_fails_cleanly(tmp_path: Path) -> None:
     """The seed project's exact command line parses; here (no Hub, empty cache) it stops with the way forward."""
     result = run_process(
@@ -337,6 +375,34 @@ def test_self_speculative_prints_its_statistics(cli) -> None:
     result = cli("generate", "Hello", *TINY, "--draft-layers", "1", "--lookahead", "3")
     assert result.code == 0, result.err
     assert result.out.startswith("Hello") and "tokens/s" in result.err
+
+
+def test_generate_with_a_draft_model_prints_the_speculative_statistics(cli) -> None:
+    """The issue's `toyllm generate "..." --model M --draft D --lookahead 5 --lookahead-schedule heuristic`, offline."""
+    options = ["--draft", "random:gpt2-tiny", "--lookahead", "5", "--lookahead-schedule", "heuristic"]
+    result = cli("generate", "Hello", *TINY, *options)
+    assert result.code == 0, result.err
+    assert result.out.startswith("Hello")
+    stats = [line for line in result.err.splitlines() if line.startswith("speculative:")]
+    assert len(stats) == 1 and "acceptance_rate" in stats[0] and "draft_forwards" in stats[0], result.err
+
+
+def test_a_draft_with_another_vocabulary_is_a_one_line_error(cli, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    other = tmp_path / "draft"
+    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny", vocab_size=1000)).save_pretrained(other)
+    cli("generate", "Hello", *TINY, "--draft", str(other)).assert_one_line_error("vocabulary", "1000", "50257")
+
+
+def test_lookahead_bounds_per_schedule() -> None:
+    """threshold takes --lookahead as its cap (16 without one); heuristic starts there and grows to 16 (or to it)."""
+    from toyllm.cli.common import lookahead_bounds
+
+    assert lookahead_bounds(2, "threshold") == (2, 2)
+    assert lookahead_bounds(None, "threshold") == (4, 16)
+    assert lookahead_bounds(2, "heuristic") == (2, 16)
+    assert lookahead_bounds(20, "heuristic") == (20, 20)
+    assert lookahead_bounds(None, "constant") == (4, 16)
 
 
 def test_download_rejects_a_random_model(cli) -> None:

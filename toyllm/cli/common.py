@@ -15,7 +15,7 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import torch
 
@@ -109,6 +109,19 @@ def check_draft_options(
         raise InvalidArgumentError("--draft-vocab-data needs --draft-vocab N, the number of tokens to keep")
     if draft_vocab is not None and draft is None and draft_layers is None:
         raise InvalidArgumentError("--draft-vocab needs a draft (--draft MODEL or --draft-layers N)")
+
+
+def lookahead_bounds(lookahead: int | None, schedule: str) -> tuple[int, int]:
+    """`--lookahead` as (config.lookahead, config.max_lookahead) for a schedule.
+
+    threshold decides K itself, round by round: a `--lookahead` given with it is its cap (as transformers caps its
+    confidence-based assistant at num_assistant_tokens), 16 when none is given. heuristic starts at `--lookahead`
+    (default 4) and grows up to 16, or to `--lookahead` if that is more; constant uses it every round.
+    """
+    if schedule == "threshold" and lookahead is not None:
+        return lookahead, lookahead
+    k = lookahead if lookahead is not None else 4
+    return k, max(16, k)
 
 
 def check_speculative_options(
@@ -269,9 +282,20 @@ def run_generate(
 # -- the seed-compatible scripts (`python toyllm/cli/run_gpt2.py`, `run_gpt2_kv.py`) ----------------------------
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: a usage error is one `error:` line and exit code 2 (argparse prints its
+    whole usage block first; `--help` still shows it)."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def script_parser(description: str) -> argparse.ArgumentParser:
     """The flags of the original scripts, spelled with underscores as they were; `toyllm generate` has them all."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ScriptParser(description)
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="Hub id, local checkpoint directory, or random:<preset> (offline)"
     )

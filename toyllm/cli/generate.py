@@ -156,7 +156,12 @@ def generate(
     ] = None,
     lookahead: Annotated[
         int | None,
-        typer.Option(help="Tokens the draft proposes per step.", show_default="4", rich_help_panel=SPECULATIVE),
+        typer.Option(
+            help="Tokens the draft proposes per round: always (constant), to start with (heuristic, then up to 16 or "
+            "this), at most (threshold; 16 when not given).",
+            show_default="4",
+            rich_help_panel=SPECULATIVE,
+        ),
     ] = None,
     lookahead_schedule: Annotated[
         str | None,
@@ -175,11 +180,12 @@ def generate(
         ),
     ] = False,
 ) -> None:
-    from toyllm.cli.common import check_speculative_options, run_generate
+    from toyllm.cli.common import check_speculative_options, lookahead_bounds, run_generate
     from toyllm.generation import GenerationConfig
 
     check_speculative_options(draft is not None or draft_layers is not None, lookahead, lookahead_schedule, kv_cache)
-    lookahead = lookahead if lookahead is not None else 4
+    schedule = lookahead_schedule if lookahead_schedule is not None else "constant"
+    lookahead, cap = lookahead_bounds(lookahead, schedule)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -192,8 +198,8 @@ def generate(
         chunk_size=chunk_size,
         sliding_window=window,
         lookahead=lookahead,
-        lookahead_schedule=lookahead_schedule if lookahead_schedule is not None else "constant",
-        max_lookahead=max(16, lookahead),
+        lookahead_schedule=schedule,
+        max_lookahead=cap,
     )
     run_generate(
         prompt,

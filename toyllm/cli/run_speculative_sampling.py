@@ -22,7 +22,13 @@ if __name__ == "__main__" and not __package__:
     # that was never pip-installed.
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-from toyllm.cli.common import add_generation_arguments, run_generate, run_guarded, script_config  # noqa: E402
+from toyllm.cli.common import (  # noqa: E402
+    ScriptParser,
+    add_generation_arguments,
+    run_generate,
+    run_guarded,
+    script_config,
+)
 from toyllm.generation import LOOKAHEAD_SCHEDULES  # noqa: E402
 from toyllm.gpt2.weights import HUB_ALIASES  # noqa: E402  (the seed project's names that are no Hub ids)
 
@@ -33,10 +39,7 @@ def hub_name(name: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Speculative sampling with a GPT-2 target and a smaller draft.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = ScriptParser("Speculative sampling with a GPT-2 target and a smaller draft.")
     p.add_argument("--target_model", default="gpt2-medium", help="Hub id, local checkpoint, or random:<preset>")
     p.add_argument(
         "--draft_model", default="gpt2-small", help="a model sharing the target's tokenizer (Hub id, path, random:)"
