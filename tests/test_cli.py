@@ -394,6 +394,28 @@ def test_a_draft_with_another_vocabulary_is_a_one_line_error(cli, tmp_path: Path
     cli("generate", "Hello", *TINY, "--draft", str(other)).assert_one_line_error("vocabulary", "1000", "50257")
 
 
+def test_a_draft_whose_tokenizer_gives_other_ids_is_a_one_line_error(cli, tmp_path: Path) -> None:
+    """Same vocabulary size, different ids: the draft's files swap GPT-2's last two merges (and their ids), a
+    consistent BPE that gives ids 50254 and 50255 each other's text. The size check alone let it through."""
+    import json
+
+    torch.manual_seed(0)
+    draft = tmp_path / "draft"
+    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).save_pretrained(draft)
+    copy = tmp_path / "same"  # the same files, untouched: accepted
+    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).save_pretrained(copy)
+    vocab = json.loads((draft / "vocab.json").read_text(encoding="utf-8"))
+    merges = (draft / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges[-2], merges[-1] = merges[-1], merges[-2]
+    a, b = ("".join(line.split(" ")) for line in merges[-2:])  # the merged tokens, now at ranks -2 and -1
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (draft / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (draft / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+
+    assert cli("generate", "Hello", *TINY, "--draft", str(copy)).code == 0
+    cli("generate", "Hello", *TINY, "--draft", str(draft)).assert_one_line_error("tokenizer", str(draft))
+
+
 def test_lookahead_bounds_per_schedule() -> None:
     """threshold takes --lookahead as its cap (16 without one); heuristic starts there and grows to 16 (or to it)."""
     from toyllm.cli.common import lookahead_bounds

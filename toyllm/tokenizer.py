@@ -117,6 +117,20 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
     return Tokenizer(_standard_encoding(), "gpt2")
 
 
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers map every id to the same bytes (special tokens included).
+
+    Why this and not the vocabulary size: two BPE vocabularies of one size can still give different ids to the same
+    text, and a speculative draft exchanges only ids with its target. Reading 50257 ids back takes a few ms.
+    """
+    ea, eb = a.encoding, b.encoding
+    if ea is eb:
+        return True
+    if ea.n_vocab != eb.n_vocab:
+        return False
+    return all(ea.decode_single_token_bytes(i) == eb.decode_single_token_bytes(i) for i in range(ea.n_vocab))
+
+
 def looks_like_path(name: str | Path) -> bool:
     """Hub ids are `name` or `owner/name`, never starting with '.', '/' or '~', so anything else is a path."""
     if isinstance(name, Path):

@@ -26,7 +26,14 @@ from toyllm.generation import GenerationConfig, GenerationStats, generate_text, 
 from toyllm.gpt2.config import PRESET_ALIASES, PRESETS
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.gpt2.weights import HUB_ALIASES
-from toyllm.tokenizer import FILE_PAIRS, Tokenizer, hub_cache_folder, load_tokenizer, looks_like_path
+from toyllm.tokenizer import (
+    FILE_PAIRS,
+    Tokenizer,
+    hub_cache_folder,
+    load_tokenizer,
+    looks_like_path,
+    same_vocabulary,
+)
 
 # Names whose vocabulary is standard GPT-2's, cached or not.
 GPT2_NAMES = frozenset(PRESETS) | frozenset(PRESET_ALIASES) | frozenset(HUB_ALIASES)
@@ -146,12 +153,14 @@ def load_draft(
     draft_vocab: int | None = None,
     draft_vocab_data: str | Path | None = None,
     eos_token_id: int | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> GPT2LMHeadModel | None:
     """The draft for speculative decoding: a separate model, the target's first layers, or None (plain decoding).
 
     `draft_vocab` restricts the draft's output to that many tokens (`GPT2LMHeadModel.restrict_vocab`), the most
     frequent in the prepared directory `draft_vocab_data`, else GPT-2's first ids; plus `eos_token_id` (the end of
-    text that generation stops on; default: the model config's), so the draft can propose the end.
+    text that generation stops on; default: the model config's), so the draft can propose the end. `tokenizer`, the
+    target's: a separate draft that carries its own vocabulary files must map every id to the same text.
     """
     check_draft_options(draft, draft_layers, draft_vocab, draft_vocab_data)
     if draft is None and draft_layers is None:
@@ -168,6 +177,14 @@ def load_draft(
             raise InvalidArgumentError(
                 f"the draft '{draft}' has a vocabulary of {draft_model.config.vocab_size} tokens but the model has "
                 f"{model.config.vocab_size}; both must share one tokenizer"
+            )
+        draft_tokenizer = load_tokenizer_for(draft)
+        # A draft without vocabulary files is taken at its word (the standard GPT-2 ids); one with its own files must
+        # agree with the target's id for id, or its proposals would mean other text.
+        if tokenizer is not None and draft_tokenizer.name != "gpt2" and not same_vocabulary(tokenizer, draft_tokenizer):
+            raise InvalidArgumentError(
+                f"the draft '{draft}' has its own tokenizer files, and they give some ids other text than the "
+                "model's tokenizer; both must share one tokenizer"
             )
     if draft_vocab is not None:
         from toyllm.speculative import draft_vocabulary
@@ -241,7 +258,7 @@ def run_generate(
         check_tokenizer_hub_id(tokenizer)
     tok = load_tokenizer_for(model, tokenizer)
     draft_model = load_draft(
-        lm, draft, draft_layers, target_device, target_dtype, draft_vocab, draft_vocab_data, tok.eos_token_id
+        lm, draft, draft_layers, target_device, target_dtype, draft_vocab, draft_vocab_data, tok.eos_token_id, tok
     )
     if cpu_kernel:
         from toyllm import kernels
