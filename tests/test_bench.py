@@ -293,9 +293,9 @@ def test_the_profiler_keeps_quiet_on_stderr(capfd: pytest.CaptureFixture[str]) -
 
 
 def test_the_bench_does_not_print_the_unknown_memory_block_warning() -> None:
-    """torch warns once per process, from C++, when a memory profile sees a block freed that was allocated before it
-    started, which any workload freeing earlier tensors does. The bench spends that warning in a throwaway profile
-    with stderr hidden. Once per process: so a fresh one, whose workload frees a tensor made before profiling."""
+    """torch warns from C++ when a memory profile sees a block freed that was allocated before it started (the first
+    time, then every 1000th), which any workload freeing earlier tensors does. The bench spends the first in a
+    throwaway profile with stderr hidden. Hence a fresh process, whose workload frees a tensor made before profiling."""
     code = (
         "import torch\n"
         "from toyllm.bench.memory import trace_allocations\n"

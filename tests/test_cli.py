@@ -394,26 +394,45 @@ def test_a_draft_with_another_vocabulary_is_a_one_line_error(cli, tmp_path: Path
     cli("generate", "Hello", *TINY, "--draft", str(other)).assert_one_line_error("vocabulary", "1000", "50257")
 
 
-def test_a_draft_whose_tokenizer_gives_other_ids_is_a_one_line_error(cli, tmp_path: Path) -> None:
-    """Same vocabulary size, different ids: the draft's files swap GPT-2's last two merges (and their ids), a
-    consistent BPE that gives ids 50254 and 50255 each other's text. The size check alone let it through."""
+def swapped_merges_checkpoint(folder: Path) -> Path:
+    """A tiny checkpoint whose tokenizer files swap GPT-2's last two merges and their ids: a consistent BPE of the
+    same size in which ids 50254 and 50255 mean each other's text."""
     import json
 
     torch.manual_seed(0)
-    draft = tmp_path / "draft"
-    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).save_pretrained(draft)
-    copy = tmp_path / "same"  # the same files, untouched: accepted
-    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).save_pretrained(copy)
-    vocab = json.loads((draft / "vocab.json").read_text(encoding="utf-8"))
-    merges = (draft / "merges.txt").read_text(encoding="utf-8").splitlines()
+    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).save_pretrained(folder)
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
     merges[-2], merges[-1] = merges[-1], merges[-2]
     a, b = ("".join(line.split(" ")) for line in merges[-2:])  # the merged tokens, now at ranks -2 and -1
     vocab[a], vocab[b] = vocab[b], vocab[a]
-    (draft / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (draft / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_a_draft_whose_tokenizer_gives_other_ids_is_a_one_line_error(cli, tmp_path: Path) -> None:
+    """Same vocabulary size, different ids: the draft's files swap GPT-2's last two merges (and their ids), a
+    consistent BPE that gives ids 50254 and 50255 each other's text. The size check alone let it through."""
+    draft = swapped_merges_checkpoint(tmp_path / "draft")
+    copy = tmp_path / "same"  # the same files, untouched: accepted
+    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).save_pretrained(copy)
 
     assert cli("generate", "Hello", *TINY, "--draft", str(copy)).code == 0
     cli("generate", "Hello", *TINY, "--draft", str(draft)).assert_one_line_error("tokenizer", str(draft))
+
+
+def test_a_random_draft_with_another_tokenizer_in_use_is_refused(cli, tmp_path: Path) -> None:
+    """A draft without vocabulary files is standard GPT-2 (as for any model); against a --tokenizer that gives some
+    ids other text, it is refused, naming the first such id."""
+    folder = swapped_merges_checkpoint(tmp_path / "tok")
+    result = cli("generate", "Hello", *TINY, "--tokenizer", str(folder), "--draft", "random:gpt2-tiny")
+    result.assert_one_line_error("another tokenizer", "id 50254")
+
+
+def test_seed_script_help_exits_0(tmp_path: Path) -> None:
+    result = run_process([SPECULATIVE_SCRIPT, "--help"], tmp_path)
+    assert result.code == 0 and "--lookahead_schedule" in result.out and not result.err
 
 
 def test_lookahead_bounds_per_schedule() -> None:

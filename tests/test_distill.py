@@ -53,6 +53,14 @@ def test_sequences_are_prompts_from_train_and_the_teachers_greedy_continuations(
 def test_distill_errors(data, teacher, tmp_path) -> None:
     with pytest.raises(InvalidArgumentError, match="must differ"):
         distill_data(teacher, data, data, sequences=2)
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text('{"mine": "notes"}')
+    with pytest.raises(InvalidArgumentError, match="not a toyllm dataset"):  # someone else's file: not overwritten
+        distill_data(teacher, data, foreign, sequences=2)
+    assert (foreign / "meta.json").read_text() == '{"mine": "notes"}' and sorted(foreign.iterdir()) == [
+        foreign / "meta.json"
+    ]
     with pytest.raises(InvalidArgumentError, match="sequences"):
         distill_data(teacher, data, tmp_path / "x", sequences=0)
     with pytest.raises(InvalidArgumentError, match="sequences must be in 1..2"):  # was an overflow inside torch

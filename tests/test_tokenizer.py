@@ -391,6 +391,24 @@ def test_corrupt_checkpoint_files(tmp_path: Path, case: str) -> None:
     assert "\n" not in str(raised.value)
 
 
+def test_a_vocabulary_with_a_gap_in_its_ids_is_an_error(tmp_path: Path, standard_dir: Path) -> None:
+    """The last merge dropped, <|endoftext|> left at 50256: id 50255 would decode to nothing (a KeyError deep in a
+    comparison of two vocabularies, before the check)."""
+    vocab = json.loads((standard_dir / "vocab.json").read_text(encoding="utf-8"))
+    merges = (standard_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+    del vocab["".join(merges.pop().split(" "))]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="should be id 50255, not 50256"):
+        tk.load_tokenizer(tmp_path)
+
+
+def test_first_different_id(standard_dir: Path) -> None:
+    standard = tk.load_tokenizer()
+    assert tk.first_different_id(standard, standard) is None
+    assert tk.first_different_id(standard, tk.load_tokenizer(standard_dir)) is None  # the same files: the same ids
+
+
 def test_half_a_file_pair_is_an_error(tmp_path: Path, standard_dir: Path) -> None:
     shutil.copy(standard_dir / "vocab.json", tmp_path / "vocab.json")
     with pytest.raises(CheckpointError, match="merges.txt"):

@@ -33,6 +33,13 @@ def test_prepare_train_eval(tmp_path, data, capsys):
     assert "replacing" not in out
     code, again = run(["prepare", "--input", src, "--output", tmp_path / "d", "--no-progress"], capsys)
     assert code == 0 and "(replacing the dataset that was there)" in " ".join(again.split())  # rich wraps lines
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "meta.json").write_text('{"mine": "notes"}')
+    code, refused = run(["prepare", "--input", src, "--output", notes, "--no-progress"], capsys)
+    lines = [line for line in refused.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "not a toyllm dataset" in lines[0], refused
+    assert (notes / "meta.json").read_text() == '{"mine": "notes"}' and not (notes / "train.bin").exists()
 
     argv = [
         "train",

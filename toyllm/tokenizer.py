@@ -117,18 +117,26 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
     return Tokenizer(_standard_encoding(), "gpt2")
 
 
-def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
-    """Whether two tokenizers map every id to the same bytes (special tokens included).
+def first_different_id(a: Tokenizer, b: Tokenizer) -> int | None:
+    """The first id that two tokenizers decode to different bytes (special tokens included), or None if none does.
 
     Why this and not the vocabulary size: two BPE vocabularies of one size can still give different ids to the same
-    text, and a speculative draft exchanges only ids with its target. Reading 50257 ids back takes a few ms.
+    text, and a speculative draft exchanges only ids with its target. Reading 50257 ids back takes about 25 ms.
     """
     ea, eb = a.encoding, b.encoding
     if ea is eb:
-        return True
-    if ea.n_vocab != eb.n_vocab:
-        return False
-    return all(ea.decode_single_token_bytes(i) == eb.decode_single_token_bytes(i) for i in range(ea.n_vocab))
+        return None
+    for i in range(max(ea.n_vocab, eb.n_vocab)):
+        if _token_bytes(ea, i) != _token_bytes(eb, i):
+            return i
+    return None
+
+
+def _token_bytes(encoding: tiktoken.Encoding, i: int) -> bytes | None:
+    try:
+        return encoding.decode_single_token_bytes(i)
+    except KeyError:  # no such id (past the end of the smaller vocabulary)
+        return None
 
 
 def looks_like_path(name: str | Path) -> bool:
@@ -229,6 +237,11 @@ def _build_encoding(ids_json: bytes, merges_text: bytes, source: str) -> tiktoke
         raise CheckpointError(f"unreadable tokenizer files in {source}: {type(e).__name__}: {e}") from e
     if not isinstance(eos_id, int) or eos_id < 0 or eos_id in ranks.values():
         raise CheckpointError(f"the vocabulary in {source} lacks a separate id for {END_OF_TEXT}")
+    if eos_id != len(ranks):  # ids 0 .. len(ranks) - 1 are the merges; a gap would be an id that decodes to nothing
+        raise CheckpointError(
+            f"the vocabulary in {source} has {len(ranks)} merge tokens, so {END_OF_TEXT} should be id {len(ranks)}, "
+            f"not {eos_id}"
+        )
     if ranks != vocab_bytes:
         raise CheckpointError(f"tokenizer files in {source} disagree: token ids do not follow merge order")
     special = {END_OF_TEXT: eos_id}

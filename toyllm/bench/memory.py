@@ -118,10 +118,11 @@ _warning_spent = False
 def _spend_the_unknown_block_warning() -> None:
     """Free, under a throwaway memory profile with stderr hidden, a block allocated before it started.
 
-    Why: torch prints "Memory block of unknown size was allocated before the profiling started" once per process,
-    from C++, the first time a memory profile sees such a free (a workload freeing the model's earlier tensors is
+    Why: torch prints "Memory block of unknown size was allocated before the profiling started" from C++ on the
+    first such free a memory profile sees, then on every 1000th (a workload freeing the model's earlier tensors is
     enough). It says nothing about the measurement: those frees are left out by design (`trace_allocations` counts
-    what the workload allocates). Spending it here keeps it off the bench's stderr without hiding anything else.
+    what the workload allocates). Spending the first here keeps it off a bench's stderr without hiding anything
+    else; a run would need a thousand more such frees to see it again.
     """
     global _warning_spent
     if _warning_spent:

@@ -29,10 +29,10 @@ from toyllm.gpt2.weights import HUB_ALIASES
 from toyllm.tokenizer import (
     FILE_PAIRS,
     Tokenizer,
+    first_different_id,
     hub_cache_folder,
     load_tokenizer,
     looks_like_path,
-    same_vocabulary,
 )
 
 # Names whose vocabulary is standard GPT-2's, cached or not.
@@ -178,14 +178,15 @@ def load_draft(
                 f"the draft '{draft}' has a vocabulary of {draft_model.config.vocab_size} tokens but the model has "
                 f"{model.config.vocab_size}; both must share one tokenizer"
             )
-        draft_tokenizer = load_tokenizer_for(draft)
-        # A draft without vocabulary files is taken at its word (the standard GPT-2 ids); one with its own files must
-        # agree with the target's id for id, or its proposals would mean other text.
-        if tokenizer is not None and draft_tokenizer.name != "gpt2" and not same_vocabulary(tokenizer, draft_tokenizer):
-            raise InvalidArgumentError(
-                f"the draft '{draft}' has its own tokenizer files, and they give some ids other text than the "
-                "model's tokenizer; both must share one tokenizer"
-            )
+        if tokenizer is not None:
+            # The draft's vocabulary as generation would take it (its files, else standard GPT-2, as for any model)
+            # must agree with the tokenizer in use id for id, or its proposals would mean other text.
+            differs = first_different_id(tokenizer, load_tokenizer_for(draft))
+            if differs is not None:
+                raise InvalidArgumentError(
+                    f"the draft '{draft}' has another tokenizer than the one in use (they differ first at id "
+                    f"{differs}); both must share one tokenizer"
+                )
     if draft_vocab is not None:
         from toyllm.speculative import draft_vocabulary
 
@@ -303,11 +304,12 @@ class ScriptParser(argparse.ArgumentParser):
     """argparse with the CLI's error format: a usage error is one `error:` line and exit code 2 (argparse prints its
     whole usage block first; `--help` still shows it)."""
 
-    def __init__(self, description: str) -> None:
-        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def __init__(self, description: str, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(description=description, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message} (run with --help for the options)\n")
 
 
 def script_parser(description: str) -> argparse.ArgumentParser:

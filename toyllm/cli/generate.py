@@ -158,8 +158,8 @@ def generate(
         int | None,
         typer.Option(
             help="Tokens the draft proposes per round: always (constant), to start with (heuristic, then up to 16 or "
-            "this), at most (threshold; 16 when not given).",
-            show_default="4",
+            "this), at most (threshold).",
+            show_default="4; threshold: 16",
             rich_help_panel=SPECULATIVE,
         ),
     ] = None,

@@ -25,6 +25,7 @@ if __name__ == "__main__" and not __package__:
 from toyllm.cli.common import (  # noqa: E402
     ScriptParser,
     add_generation_arguments,
+    lookahead_bounds,
     run_generate,
     run_guarded,
     script_config,
@@ -47,13 +48,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--draft_layers", type=int, default=None, help="self-speculative: use the target's first N layers as the draft"
     )
-    p.add_argument("--lookahead", type=int, default=4, help="draft tokens proposed per round (K)")
+    p.add_argument(
+        "--lookahead",
+        type=int,
+        default=None,
+        help="draft tokens per round (K): always (constant), to start with (heuristic), at most (threshold); "
+        "None means 4, or 16 for threshold",
+    )
     p.add_argument("--lookahead_schedule", default="constant", choices=LOOKAHEAD_SCHEDULES, help="how K adapts")
     p.add_argument(
         "--max_lookahead",
         type=int,
         default=None,
-        help="upper bound on K for heuristic/threshold; %(default)s means max(16, K)",
+        help="upper bound on K for heuristic/threshold; %(default)s means max(16, K), or K for threshold",
     )
     add_generation_arguments(p, max_new_tokens=50)
     return p
@@ -61,12 +68,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    lookahead, cap = lookahead_bounds(args.lookahead, args.lookahead_schedule)  # as `toyllm generate` takes them
     config = script_config(
         args,
-        lookahead=args.lookahead,
+        lookahead=lookahead,
         lookahead_schedule=args.lookahead_schedule,
         # An explicit bound below K is an error (GenerationConfig.validate says so), not quietly raised to K.
-        max_lookahead=args.max_lookahead if args.max_lookahead is not None else max(16, args.lookahead),
+        max_lookahead=args.max_lookahead if args.max_lookahead is not None else cap,
     )
     return run_guarded(
         lambda: run_generate(

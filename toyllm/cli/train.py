@@ -60,23 +60,15 @@ def prepare(
 ) -> None:
     from toyllm.train.data import prepare as run_prepare
 
-    replacing = _holds_dataset(output)
     result = run_prepare(inputs, output, val_fraction=val_fraction, num_workers=num_workers, progress=progress)
     err_console.print(
-        f"wrote {result.directory}{_REPLACED if replacing else ''}: {result.train_tokens:,} train + "
+        f"wrote {result.directory}{_REPLACED if result.replaced else ''}: {result.train_tokens:,} train + "
         f"{result.val_tokens:,} val tokens from {result.documents} document(s)"
     )
 
 
+# Said out loud: a resumed run reading that folder would train on the new tokens.
 _REPLACED = " (replacing the dataset that was there)"
-
-
-def _holds_dataset(folder: Path) -> bool:
-    """Whether `folder` already holds a prepared dataset, which `prepare` and `distill` replace as a whole (only once
-    the new one is complete). Said out loud: a resumed run reading that folder would train on the new tokens."""
-    from toyllm.train.data import META_FILE
-
-    return (folder.expanduser() / META_FILE).is_file()
 
 
 @app.command(help=TRAIN_HELP, no_args_is_help=True)
@@ -289,7 +281,6 @@ def distill(
     from toyllm.train.distill import distill_data
 
     validate_sampling(temperature, 0, 1.0, 1.0)
-    replacing = _holds_dataset(out)
     target, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     lm = GPT2LMHeadModel.from_pretrained(teacher, device=target, dtype=torch_dtype).eval()
     if cpu_kernel:
@@ -311,6 +302,6 @@ def distill(
             progress=lambda done, total: bar.update(task, completed=done),
         )
     err_console.print(
-        f"wrote {result.directory}{_REPLACED if replacing else ''}: {result.train_tokens:,} train + "
+        f"wrote {result.directory}{_REPLACED if result.replaced else ''}: {result.train_tokens:,} train + "
         f"{result.val_tokens:,} val tokens, {result.sequences} sequences by {teacher} in {result.seconds:.0f} s"
     )

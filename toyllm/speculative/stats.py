@@ -29,9 +29,9 @@ class SpeculativeStats:
     # at a synchronize. So there, draft steps include choosing their tokens (q too) and verifications include
     # processing their logits. The batch decoder (batch.py), which keeps its tokens on the device, synchronizes right
     # after each forward and times the forward alone.
-    target_seconds: float = 0.0  # all target forwards
-    verify_seconds: float = 0.0  # the verification forwards alone
-    draft_seconds: float = 0.0  # all draft forwards
+    target_seconds: float = 0.0  # all target forwards (prefills too)
+    verify_seconds: float = 0.0  # the verification forwards alone (one prompt: with processing their logits)
+    draft_seconds: float = 0.0  # all draft forwards (one prompt: with choosing their tokens)
     draft_prefill_seconds: float = 0.0
     # Each model's first fill with the prompt, per generation: the target's prefill (the prompt but its last token)
     # and the draft's first forward (the whole prompt; it also yields the first proposal). Not decoding, see

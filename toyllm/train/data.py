@@ -51,6 +51,26 @@ class PrepareResult:
     val_tokens: int
     documents: int
     meta: dict[str, Any]
+    replaced: bool = False  # the folder held a dataset before, which this one replaced
+
+
+def check_dataset_folder(out: Path, option: str) -> bool:
+    """Whether `out` already holds a dataset, which a new one replaces (file by file, once all are written).
+
+    A `meta.json` there that is not a dataset's is someone else's file: it is refused, not overwritten.
+    """
+    meta_path = out / META_FILE
+    if not meta_path.exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InvalidArgumentError(
+            f"{option} {out} holds a {META_FILE} that is not a toyllm dataset's; choose another folder"
+        )
+    return True
 
 
 def collect_files(inputs: Sequence[str | Path]) -> list[Path]:
@@ -173,6 +193,7 @@ def prepare(
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"--output {out} exists and is not a directory")
+    replaced = check_dataset_folder(out, "--output")
     out.mkdir(parents=True, exist_ok=True)
     # Everything is written to temporary files first: a bad input, an error or Ctrl-C while tokenizing leaves an
     # existing prepared directory exactly as it was. Its files are replaced only at the end, once all succeeded.
@@ -239,7 +260,7 @@ def prepare(
             pool.shutdown()
         stream.unlink(missing_ok=True)
         val_tmp.unlink(missing_ok=True)
-    return PrepareResult(out, n_train, n_val, documents, meta)
+    return PrepareResult(out, n_train, n_val, documents, meta, replaced)
 
 
 def _encode_all(

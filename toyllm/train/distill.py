@@ -35,6 +35,7 @@ from toyllm.train.data import (
     VAL_FILE,
     PreparedData,
     _write_json_atomic,
+    check_dataset_folder,
     token_files_meta,
 )
 from toyllm.train.errors import DataError, InvalidArgumentError
@@ -48,6 +49,7 @@ class DistillResult:
     sequences: int
     seconds: float
     meta: dict[str, Any]
+    replaced: bool = False  # the folder held a dataset before, which this one replaced
 
 
 def distill_data(
@@ -96,6 +98,7 @@ def distill_data(
         raise InvalidArgumentError("--out must differ from --data: distilling would overwrite its own prompts")
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"--out {out} exists and is not a directory")
+    replaced = check_dataset_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
 
     device = next(teacher.parameters()).device
@@ -161,4 +164,4 @@ def distill_data(
         },
     )
     _write_json_atomic(out / META_FILE, meta)
-    return DistillResult(out, counts[TRAIN_FILE], counts[VAL_FILE], sequences, seconds, meta)
+    return DistillResult(out, counts[TRAIN_FILE], counts[VAL_FILE], sequences, seconds, meta, replaced)
