@@ -108,7 +108,12 @@ def sample(processed: torch.Tensor, temperature: float, generator: torch.Generat
     """Draw one token per row (B,) from processed logits (B, V)."""
     if temperature == 0.0:
         return greedy(processed)
-    probs = torch.softmax(processed, dim=-1)
+    return sample_probs(torch.softmax(processed, dim=-1), generator)
+
+
+def sample_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row (B,) from probabilities (B, V): `sample` after its softmax, for a caller that keeps the
+    distribution (speculative decoding's q) and so need not compute it twice."""
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 

@@ -36,7 +36,7 @@ from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, GenerationStats, _StopChecker, _sync, prefill
 from toyllm.gpt2.model import GPT2LMHeadModel
 from toyllm.kv_cache import KVCache
-from toyllm.sampling import greedy, logits_to_probs, process_logits, sample
+from toyllm.sampling import greedy, logits_to_probs, process_logits, sample_probs
 from toyllm.speculative.schedules import LookaheadSchedule, make_schedule
 from toyllm.speculative.stats import SpeculativeStats
 from toyllm.speculative.verify import verify_drafts, verify_greedy
@@ -299,8 +299,8 @@ class SpeculativeDecoder:
         `logits` (the raw ones) is unused here; it is passed so that a test can plant the classic bug (q from raw
         logits) and watch the output distribution go wrong.
         """
-        q = logits_to_probs(processed, self.config.temperature)[0]  # queued first: reading the token then waits for it
-        return int(sample(processed, self.config.temperature, self.generator)), q
+        q = logits_to_probs(processed, self.config.temperature)  # (1, V): the token is drawn from q itself
+        return int(sample_probs(q, self.generator)), q[0]
 
     def _count_draft(self, fed: int, start: float, *, synced: bool) -> None:
         """Book one draft step (a forward over `fed` tokens, and choosing its token) begun at `start`."""
