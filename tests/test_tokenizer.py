@@ -403,10 +403,18 @@ def test_a_vocabulary_with_a_gap_in_its_ids_is_an_error(tmp_path: Path, standard
         tk.load_tokenizer(tmp_path)
 
 
-def test_first_different_id(standard_dir: Path) -> None:
+def test_first_different_id(standard_dir: Path, tmp_path: Path) -> None:
     standard = tk.load_tokenizer()
     assert tk.first_different_id(standard, standard) is None
-    assert tk.first_different_id(standard, tk.load_tokenizer(standard_dir)) is None  # the same files: the same ids
+    # The official files under a checkpoint's names share the standard encoding (nothing built, nothing to compare).
+    assert tk.load_tokenizer(standard_dir).encoding is standard.encoding
+    # One byte of difference that keeps them a valid pair: the JSON respaced. Built on its own, equal id for id.
+    vocab = json.loads((standard_dir / "vocab.json").read_text(encoding="utf-8"))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab, indent=1), encoding="utf-8")
+    shutil.copy(standard_dir / "merges.txt", tmp_path / "merges.txt")
+    respaced = tk.load_tokenizer(tmp_path)
+    assert respaced.encoding is not standard.encoding
+    assert tk.first_different_id(standard, respaced) is None
 
 
 def test_half_a_file_pair_is_an_error(tmp_path: Path, standard_dir: Path) -> None:
