@@ -153,6 +153,7 @@ def test_seed_speculative_command_verbatim_offline_fails_cleanly(tmp_path: Path)
         ("run_speculative_sampling.py", ["--lookahead", "abc"], "--lookahead"),
         ("run_gpt2.py", ["--max_length", "abc"], "--max_length"),
         ("run_gpt2.py", ["--no_such_flag"], "--no_such_flag"),
+        ("benchmark/bench_gpt2kv.py", ["--seq_len", "abc"], "--seq_len"),
     ],
 )
 def test_seed_script_usage_errors_are_one_line(tmp_path: Path, script: str, flags: list[str], fragment: str) -> None:

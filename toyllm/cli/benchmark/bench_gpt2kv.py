@@ -13,7 +13,6 @@ Expect minutes to hours on a CPU: without a cache, generating N tokens costs ~N^
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ if __name__ == "__main__" and not __package__:
     # never pip-installed.
     sys.path[0] = str(Path(__file__).resolve().parents[3])
 
+from toyllm.cli.common import ScriptParser  # noqa: E402
 from toyllm.cli.main import run_app  # noqa: E402
 
 
@@ -36,10 +36,7 @@ def default_lengths(total: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Benchmark GPT-2 generation with and without the KV cache.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = ScriptParser("Benchmark GPT-2 generation with and without the KV cache.")
     parser.add_argument("--batch_size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--seq_len", type=int, default=1024, help="total tokens per row at the longest point")
     parser.add_argument("--prompt_len", type=int, default=16, help="prompt tokens (random ids)")
