@@ -302,11 +302,15 @@ class SpeculativeDecoder:
         q = logits_to_probs(processed, self.config.temperature)  # (1, V): the token is drawn from q itself
         return int(sample_probs(q, self.generator)), q[0]
 
-    def _count_draft(self, fed: int, start: float, *, synced: bool) -> None:
-        """Book one draft step (a forward over `fed` tokens, and choosing its token) begun at `start`."""
+    def _since(self, start: float, *, synced: bool) -> float:
+        """Seconds since `start`, once the device is done: `synced` says a read of a result already waited for it."""
         if not synced:
             _sync(self.tokens.device)
-        elapsed = time.perf_counter() - start
+        return time.perf_counter() - start
+
+    def _count_draft(self, fed: int, start: float, *, synced: bool) -> None:
+        """Book one draft step (a forward over `fed` tokens, and choosing its token) begun at `start`."""
+        elapsed = self._since(start, synced=synced)
         s = self.stats
         s.draft_forwards += 1
         s.draft_seconds += elapsed
@@ -329,8 +333,7 @@ class SpeculativeDecoder:
         prefilled = tw.end < L - 1
         if prefilled:  # the prompt (or the context after a slide), without its last token
             prefill(self.target, tw.cache, self.tokens[None, tw.end : L - 1], chunk_size=self.config.chunk_size)
-            _sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed = self._since(start, synced=False)
             s.target_forwards += 1
             s.target_seconds += elapsed
             if not tw.primed:  # the prompt's prefill (a slide's re-prefill later is part of decoding)
@@ -352,9 +355,7 @@ class SpeculativeDecoder:
         In a greedy round the argmaxes' read is the round's one wait for the target, so it ends the timing (as the
         argmax's read ends a plain decoding step) instead of a synchronize of its own.
         """
-        if not synced:
-            _sync(self.tokens.device)
-        elapsed = time.perf_counter() - start
+        elapsed = self._since(start, synced=synced)
         s = self.stats
         s.target_forwards += 1
         s.target_seconds += elapsed
