@@ -54,11 +54,15 @@ class PrepareResult:
     replaced: bool = False  # the folder held a dataset before, which this one replaced
 
 
-def check_dataset_folder(out: Path, option: str) -> bool:
-    """Whether `out` already holds a dataset, which a new one replaces (file by file, once all are written).
+def make_dataset_folder(out: Path, option: str) -> bool:
+    """Create the output folder `option` names if need be; return whether it already held a dataset, which a new one
+    replaces (file by file, once all are written).
 
     A `meta.json` there that is not a dataset's is someone else's file: it is refused, not overwritten.
     """
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"{option} {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META_FILE
     if not meta_path.exists():
         return False
@@ -191,10 +195,7 @@ def prepare(
     encode = _encoder(tokenizer)
     eos = int(tokenizer.eos_token_id)
     out = Path(output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InvalidArgumentError(f"--output {out} exists and is not a directory")
-    replaced = check_dataset_folder(out, "--output")
-    out.mkdir(parents=True, exist_ok=True)
+    replaced = make_dataset_folder(out, "--output")
     # Everything is written to temporary files first: a bad input, an error or Ctrl-C while tokenizing leaves an
     # existing prepared directory exactly as it was. Its files are replaced only at the end, once all succeeded.
     stream = out / ".tokens.tmp"  # the whole token stream, then (its tail cut off) the new train.bin

@@ -35,7 +35,7 @@ from toyllm.train.data import (
     VAL_FILE,
     PreparedData,
     _write_json_atomic,
-    check_dataset_folder,
+    make_dataset_folder,
     token_files_meta,
 )
 from toyllm.train.errors import DataError, InvalidArgumentError
@@ -96,10 +96,7 @@ def distill_data(
     out = Path(output).expanduser()
     if out.resolve() == source.directory.resolve():
         raise InvalidArgumentError("--out must differ from --data: distilling would overwrite its own prompts")
-    if out.exists() and not out.is_dir():
-        raise InvalidArgumentError(f"--out {out} exists and is not a directory")
-    replaced = check_dataset_folder(out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
+    replaced = make_dataset_folder(out, "--out")
 
     device = next(teacher.parameters()).device
     generator = torch.Generator().manual_seed(seed)
