@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import psutil
@@ -112,9 +113,7 @@ def quiet_profile(**kwargs: Any) -> Iterator[Any]:
             prof.stop()
 
 
-_warning_spent = False
-
-
+@cache  # once per process: the first call spends the warning, later calls do nothing
 def _spend_the_unknown_block_warning() -> None:
     """Free, under a throwaway memory profile with stderr hidden, a block allocated before it started.
 
@@ -124,10 +123,6 @@ def _spend_the_unknown_block_warning() -> None:
     what the workload allocates). Spending the first here keeps it off a bench's stderr without hiding anything
     else; a run would need a thousand more such frees to see it again.
     """
-    global _warning_spent
-    if _warning_spent:
-        return
-    _warning_spent = True
     block = torch.empty(64)
     with _c_stderr_hidden():
         prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
