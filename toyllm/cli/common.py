@@ -160,7 +160,8 @@ def load_draft(
     `draft_vocab` restricts the draft's output to that many tokens (`GPT2LMHeadModel.restrict_vocab`), the most
     frequent in the prepared directory `draft_vocab_data`, else GPT-2's first ids; plus `eos_token_id` (the end of
     text that generation stops on; default: the model config's), so the draft can propose the end. `tokenizer`, the
-    target's: a separate draft that carries its own vocabulary files must map every id to the same text.
+    one in use: a separate draft must map every id to the same text (one without vocabulary files counts as
+    standard GPT-2, as any model does).
     """
     check_draft_options(draft, draft_layers, draft_vocab, draft_vocab_data)
     if draft is None and draft_layers is None:
