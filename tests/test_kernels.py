@@ -262,3 +262,33 @@ def test_bench_kernel_ab_against_a_baseline_source(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert "no kernel source at" in err and "does not register the toyllm::gemv operator" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9])
+@pytest.mark.parametrize("width", [1, 7, 16, 17, 50257])  # 50257: split in pieces over threads; 17: a scalar tail
+def test_argmax_rows_is_torchs_argmax_ties_nan_and_infinities_included(rows: int, width: int) -> None:
+    torch.manual_seed(rows * 7 + width)
+    cases = [
+        torch.randn(rows, width),
+        torch.randint(0, 3, (rows, width)).float(),  # many exact ties: the first one wins
+        torch.full((rows, width), -float("inf")),
+    ]
+    with_nan = torch.randn(rows, width)
+    with_nan[:, width // 2] = float("nan")
+    with_nan[:, -1] = float("inf")
+    cases.append(with_nan)  # a NaN beats +inf (torch counts NaN as the largest)
+    for x in cases:
+        assert torch.equal(torch.ops.toyllm.argmax_rows(x), torch.argmax(x, dim=-1))
+
+
+def test_greedy_takes_the_kernels_argmax_once_it_is_loaded() -> None:
+    from toyllm.sampling import greedy
+
+    x = torch.randn(2, 3, 1000)
+    x[0, 1, 10] = x[0, 1, 20] = 99.0  # a tie: the lower index
+    with KernelCalls() as calls:
+        assert torch.equal(greedy(x), torch.argmax(x, dim=-1))
+    assert calls.rows == []  # not a product
+    with torch.profiler.profile() as prof:
+        greedy(x)
+    assert any(e.key == "toyllm::argmax_rows" for e in prof.key_averages())

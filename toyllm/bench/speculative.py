@@ -38,6 +38,7 @@ from toyllm.device import resolve_device, resolve_dtype
 from toyllm.errors import InvalidArgumentError, check_count
 from toyllm.generation import GenerationConfig, GenerationStats, generate
 from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.kernels.amx import use_amx
 from toyllm.sampling import validate_seed
 from toyllm.speculative import (
     LookaheadSchedule,
@@ -185,6 +186,7 @@ def run_speculative_bench(
     dtype: str | None = None,
     threads: int | None = None,
     kernels: bool = False,
+    amx: bool = False,
     prompt_file: str | Path | None = None,
     draft_vocab: int | None = None,
     draft_vocab_data: str | Path | None = None,
@@ -204,7 +206,8 @@ def run_speculative_bench(
     every run makes `max_new_tokens`. batch: decode `batch` prompts at once in every run (plain batched decoding
     against batched speculative decoding; each of the `prompts` units is then a batch of that many windows).
     threads: torch CPU threads (None leaves torch's default). kernels: decode both models through toyllm's CPU
-    kernel, which reads each weight once for all K + 1 verified rows (toyllm/kernels).
+    kernel, which reads each weight once for all K + 1 verified rows (toyllm/kernels). amx: their linear layers on
+    AMX tiles instead, in bfloat16 (toyllm/kernels/amx.py), where K + 1 rows cost about what one does.
     draft_vocab: restrict the `draft` and `self` drafts' output to this many tokens, the most frequent in
     `draft_vocab_data` (a prepared directory) or else ids 0..n-1 (`toyllm.speculative.vocab`).
     Returns {"machine": ..., "settings": ..., "plain": {...}, "rows": [one dict per (case, K)]}.
@@ -225,6 +228,8 @@ def run_speculative_bench(
         raise InvalidArgumentError("--draft-vocab-data needs --draft-vocab N, the number of tokens to keep")
     if draft_vocab is not None and (draft_vocab < 1 or not {"draft", "self"} & set(cases)):
         raise InvalidArgumentError("--draft-vocab must be >= 1 and needs a `draft` or `self` case to restrict")
+    if kernels and amx:
+        raise InvalidArgumentError("choose one of --kernels and --amx")
     say = progress if progress is not None else (lambda message: None)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -259,6 +264,9 @@ def run_speculative_bench(
                 drafts[case].restrict_vocab(keep)
     if kernels:  # after restrict_vocab, so the draft's smaller head goes through the kernel too
         toyllm_kernels.enable("--kernels", target_model, *drafts.values())
+    if amx:
+        for model in (target_model, *drafts.values()):  # a self draft's shared layers are converted once
+            use_amx(model)
 
     if prompt_file is not None:
         stream = load_tokenizer(target).encode(_read_prompt_file(prompt_file))
@@ -360,6 +368,7 @@ def run_speculative_bench(
             "seed": seed,
             "dtype": str(next(target_model.parameters()).dtype),
             "kernels": kernels,
+            "amx": amx,
             "prompt": str(prompt_file) if prompt_file is not None else "random ids",
             "draft_vocab": draft_vocab,
             "draft_vocab_data": str(draft_vocab_data) if draft_vocab_data is not None else None,

@@ -509,6 +509,10 @@ def speculative(
     kernels: Annotated[
         bool, typer.Option("--kernels", help="Decode both models through toyllm's CPU kernel (toyllm/kernels).")
     ] = False,
+    amx: Annotated[
+        bool,
+        typer.Option("--amx", help="Their linear layers on AMX tiles in bfloat16 instead (Intel CPUs with AMX)."),
+    ] = False,
     prompt_file: Annotated[
         Path | None,
         typer.Option("--prompt-file", help="Take the prompt from the end of this text file (default: random ids)."),
@@ -549,6 +553,7 @@ def speculative(
         dtype=dtype,
         threads=threads,
         kernels=kernels,
+        amx=amx,
         prompt_file=prompt_file,
         draft_vocab=draft_vocab,
         draft_vocab_data=draft_vocab_data,

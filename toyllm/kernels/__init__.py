@@ -33,6 +33,10 @@ from torch import nn
 MAX_ROWS = 32
 
 _SOURCE = Path(__file__).with_name("gemv.cpp")
+_MORE_SOURCES = (  # built into the same module
+    Path(__file__).with_name("amx.cpp"),  # AMX tiles (toyllm/kernels/amx.py)
+    Path(__file__).with_name("argmax.cpp"),  # the greedy token on every thread (toyllm/sampling.py `greedy`)
+)
 _state: dict[str, Any] = {}
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -65,7 +69,7 @@ def load(verbose: bool = False) -> Any | None:
             if verbose:
                 note.start()
             try:
-                _state["module"] = _build("toyllm_gemv", _SOURCE)
+                _state["module"] = _build("toyllm_gemv", _SOURCE, *_MORE_SOURCES)
                 _register_fake()
             except Exception as exc:  # no compiler, no ninja, a compile error: fall back to torch, say why
                 _state["reason"] = f"building gemv.cpp failed: {_first_line(exc)}"
@@ -74,13 +78,13 @@ def load(verbose: bool = False) -> Any | None:
     return _state["module"]
 
 
-def _build(name: str, source: Path) -> Any:
-    """Compile and load one gemv.cpp as the extension `name` (cached by torch under that name)."""
+def _build(name: str, *sources: Path) -> Any:
+    """Compile and load gemv.cpp (and more sources) as the extension `name` (cached by torch under that name)."""
     from torch.utils.cpp_extension import load as load_extension
 
     return load_extension(
         name=name,
-        sources=[str(source)],
+        sources=[str(source) for source in sources],
         extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
         extra_ldflags=["-fopenmp"],  # the same libgomp.so.1 torch already loaded: one thread pool
         verbose=False,
@@ -134,6 +138,14 @@ def _register_fake() -> None:
     @torch.library.register_fake("toyllm::gemv")
     def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("toyllm::amx_linear")
+    def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, n: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], n)
+
+    @torch.library.register_fake("toyllm::argmax_rows")
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], dtype=torch.long)
 
 
 def unavailable_reason() -> str | None:

@@ -1,0 +1,128 @@
+"""AMX products (toyllm/kernels/amx.py): the numbers of a float64 product of the same bfloat16-rounded operands, each
+row independent of how many rows share a call (what lets a verification of K + 1 rows give a one-row step's logits),
+and the same greedy text from speculative and plain decoding. The layout tests run on any machine; the products
+only where the CPU has AMX."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_helpers import needs_kernel
+
+from toyllm.errors import InvalidArgumentError
+from toyllm.generation import GenerationConfig, generate
+from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
+from toyllm.kernels import amx
+from toyllm.kv_cache import KVCache
+
+
+def _reason() -> str | None:
+    try:
+        return amx.amx_unavailable_reason()
+    except Exception as exc:  # noqa: BLE001 - a skip reason, whatever stopped it
+        return str(exc)
+
+
+needs_amx = pytest.mark.skipif(needs_kernel.args[0] or _reason() is not None, reason=f"no AMX here: {_reason()}")
+
+
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (37, 40), (5, 8), (48, 96)])
+def test_packing_is_the_tile_layout_and_round_trips(n: int, k: int) -> None:
+    """Block (strip s, k block b) row r, column c holds W[16s + c, 32b + 2r : 32b + 2r + 2], padded with zeros."""
+    w = torch.randn(n, k)
+    packed = amx.pack_weight(w)
+    assert packed.shape == (-(-n // 16), -(-k // 32), 16, 16, 2) and packed.dtype == torch.bfloat16
+    assert torch.equal(amx.unpack_weight(packed, n, k), w.bfloat16())
+    wb = w.bfloat16()
+    for s, b, r, c in [(0, 0, 0, 0), (0, 0, 3, 5), (packed.shape[0] - 1, packed.shape[1] - 1, 15, 15)]:
+        row, col = 16 * s + c, 32 * b + 2 * r
+        expected = [wb[row, col + i].item() if row < n and col + i < k else 0.0 for i in range(2)]
+        assert packed[s, b, r, c].tolist() == expected
+
+
+def test_use_amx_refuses_in_one_line_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(amx, "amx_unavailable_reason", lambda: "this CPU has no AMX-BF16")
+    model = GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny"))
+    expected = "^AMX products need an Intel CPU with AMX: this CPU has no AMX-BF16$"
+    with pytest.raises(InvalidArgumentError, match=expected):
+        amx.use_amx(model)
+
+
+@needs_amx
+@pytest.mark.parametrize(("n", "k"), [(37, 40), (64, 768), (5, 8), (1000, 384), (33, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 16, 17, 40])
+def test_amx_linear_is_the_product_of_the_rounded_operands(n: int, k: int, rows: int) -> None:
+    torch.manual_seed(rows * 100 + k)
+    w, bias, x = torch.randn(n, k), torch.randn(n), torch.randn(rows, k)
+    packed = amx.pack_weight(w)
+    got = torch.ops.toyllm.amx_linear(x, packed, bias, n)
+    exact = F.linear(x.bfloat16().double(), w.bfloat16().double(), bias.double())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * k**0.5)
+    no_bias = torch.ops.toyllm.amx_linear(x, packed, torch.empty(0), n)
+    torch.testing.assert_close(no_bias.double(), exact - bias.double(), rtol=1e-5, atol=1e-5 * k**0.5)
+    one_at_a_time = torch.cat([torch.ops.toyllm.amx_linear(x[i : i + 1], packed, bias, n) for i in range(rows)])
+    assert torch.equal(got, one_at_a_time)  # bit for bit: a row's result does not depend on its neighbours
+
+
+@needs_amx
+def test_the_operator_refuses_a_packing_that_does_not_fit() -> None:
+    packed = amx.pack_weight(torch.randn(20, 64))
+    with pytest.raises(RuntimeError, match="packed shape does not fit"):
+        torch.ops.toyllm.amx_linear(torch.randn(2, 64), packed, torch.empty(0), 40)
+    with pytest.raises(RuntimeError, match="packed shape does not fit"):
+        torch.ops.toyllm.amx_linear(torch.randn(2, 96), packed, torch.empty(0), 20)
+
+
+@needs_amx
+def test_a_model_through_amx_keeps_weights_ties_training_and_its_cache() -> None:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).eval()
+    fast = amx.use_amx(copy.deepcopy(model))
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, amx.AmxLinear) for m in linears)
+    assert fast.lm_head.weight is fast.transformer.wte.weight
+    assert fast.state_dict().keys() == model.state_dict().keys()  # the packed copies are not saved
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        full = fast(ids)
+        # bfloat16 operands: close to float32, not equal (8 bits of mantissa)
+        torch.testing.assert_close(full, model(ids), rtol=0.05, atol=0.05)
+        cache = KVCache.for_model(fast, 1, 40)
+        fast(ids[:, :7], cache=cache)
+        rest = fast(ids[:, 7:], cache=cache)  # 5 rows against a cache: the rows a one-pass prefill gave them
+        torch.testing.assert_close(rest[0], full[0, 7:], rtol=1e-5, atol=1e-5)
+    loss = fast.train()(ids, labels=ids).loss  # gradients: F.linear on the float32 weights
+    loss.backward()
+    assert fast.lm_head.weight.grad is not None and fast.lm_head.weight.grad.abs().sum() > 0
+
+
+@needs_amx
+@pytest.mark.parametrize("lookahead", [1, 2, 4, 8])
+def test_speculative_decoding_through_amx_is_its_plain_greedy_text(lookahead: int) -> None:
+    torch.manual_seed(1)
+    target = amx.use_amx(GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).eval())
+    draft = target.first_layers(1)
+    amx.use_amx(draft)
+    config = GenerationConfig(max_new_tokens=40, temperature=0.0, eos_token_id=None, lookahead=lookahead)
+    for prompt in range(4):
+        ids = torch.randint(0, target.config.vocab_size, (1, 3 + prompt))
+        assert torch.equal(generate(target, ids, config, draft_model=draft), generate(target, ids, config))
+
+
+@needs_amx
+def test_the_speculative_bench_times_both_models_through_amx(tmp_path) -> None:
+    """`toyllm bench speculative --amx`: every product of the target and the draft on AMX, the same greedy text."""
+    from kernel_helpers import KernelCalls
+
+    from toyllm.bench.speculative import run_speculative_bench
+
+    kw = dict(target="random:gpt2-tiny", cases=["self"], self_layers=1, lookaheads=[2], max_new_tokens=8)
+    with KernelCalls() as calls:
+        results = run_speculative_bench(**kw, amx=True, device="cpu", out_dir=tmp_path)
+    assert results["settings"]["amx"] is True and calls.rows
+    assert all(r["outputs_match"] is True for r in results["rows"])
+    with pytest.raises(InvalidArgumentError, match="^choose one of --kernels and --amx$"):
+        run_speculative_bench(**kw, amx=True, kernels=True, device="cpu")

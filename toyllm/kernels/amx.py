@@ -1,0 +1,106 @@
+"""Linear layers through AMX tiles (amx.cpp): bfloat16 products whose cost does not grow with the rows of x.
+
+Why: a speculative round pays one target forward over K + 1 rows. With gemv.cpp those extra rows are extra
+arithmetic, and on 2 CPU cores a 9-row forward costs 1.3x to 1.7x a one-row step; that ratio caps the measured
+speedup below the formula's (docs/speculative.md). An AMX unit multiplies 16 rows as fast as one, so the weights'
+stream is the whole cost, for 1 row or for 16, and bfloat16 weights halve that stream. Numerically this is bfloat16
+autocast for the linear layers only: x and W rounded to bfloat16, products summed in float32; attention, LayerNorm
+and the residual stream stay float32.
+
+Intel Xeon CPUs from Sapphire Rapids on have AMX; elsewhere `amx_unavailable_reason()` says why not and callers
+refuse with that one line. Inference only: the packed copy is taken once, so convert a model after loading it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toyllm.kernels import load
+
+_EMPTY = torch.empty(0)
+
+
+def amx_unavailable_reason() -> str | None:
+    """None if AMX products can run here, else why not (one line)."""
+    module = load()
+    if module is None:
+        from toyllm.kernels import unavailable_reason
+
+        return f"toyllm's CPU kernel is unavailable: {unavailable_reason()}"
+    if not torch.ops.toyllm.amx_ready():
+        return "this CPU has no AMX-BF16 (an Intel Xeon from Sapphire Rapids on), or Linux refused it to this process"
+    return None
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W (N, K) -> the tile layout amx.cpp streams: (N/16, K/32, 16, 16, 2) bfloat16, zero-padded.
+
+    TDPBF16PS multiplies A (16 rows x 32 k) by B (32 k x 16 columns) with B stored as 16 rows of 16 column *pairs*:
+    B's row r holds, for each output column n, the two inputs 2r and 2r + 1. So W is cut into 16-column by 32-input
+    blocks, each laid out [k pair][column][2], and the blocks of one column strip follow each other in memory.
+    """
+    n, k = weight.shape
+    n_pad, k_pad = -(-n // 16) * 16, -(-k // 32) * 32
+    padded = torch.zeros(n_pad, k_pad, dtype=torch.bfloat16)
+    padded[:n, :k] = weight.detach().to("cpu", torch.bfloat16)
+    blocks = padded.view(n_pad // 16, 16, k_pad // 32, 16, 2)  # (column strip, column, k block, k pair, 2)
+    return blocks.permute(0, 2, 3, 1, 4).contiguous()  # (column strip, k block, k pair, column, 2)
+
+
+def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of `pack_weight` (for tests and for reading the layout): (N, K) bfloat16."""
+    strips, k_blocks = packed.shape[:2]
+    rows = packed.permute(0, 3, 1, 2, 4).reshape(strips * 16, k_blocks * 32)  # (N padded, K padded)
+    return rows[:n, :k]
+
+
+class AmxLinear(nn.Linear):
+    """An `nn.Linear` (same Parameters, same state dict) whose inference products run on AMX tiles in bfloat16.
+
+    The packed copy is a non-persistent buffer: it is never saved, and the float32 `weight` stays the model's
+    weight (training, and anything that needs gradients, goes through `F.linear` with it, in float32).
+    """
+
+    packed: torch.Tensor
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> AmxLinear:
+        """Shares `linear`'s Parameter objects, so tied weights (GPT-2's lm_head and wte) stay tied."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.register_buffer("packed", pack_weight(linear.weight), persistent=False)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        bias = self.bias.float().contiguous() if self.bias is not None else _EMPTY
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K)
+        y = torch.ops.toyllm.amx_linear(x2, self.packed, bias, self.out_features)  # (M, N) float32
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def use_amx(model: nn.Module) -> nn.Module:
+    """Route every `nn.Linear` of `model` (in place) through AMX; returns the model.
+
+    Raises a one-line `InvalidArgumentError` where AMX is unavailable. A self-speculative draft shares the target's
+    layers, so converting both converts each layer once.
+    """
+    from toyllm.errors import InvalidArgumentError
+
+    reason = amx_unavailable_reason()
+    if reason is not None:
+        raise InvalidArgumentError(f"AMX products need an Intel CPU with AMX: {reason}")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise InvalidArgumentError("AMX products run on the CPU: use --device cpu")
+    with torch.no_grad():
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and not isinstance(child, AmxLinear):
+                    setattr(parent, name, AmxLinear.from_linear(child))
+    return model
