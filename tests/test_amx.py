@@ -68,6 +68,28 @@ def test_amx_linear_is_the_product_of_the_rounded_operands(n: int, k: int, rows:
 
 
 @needs_amx
+@pytest.mark.parametrize("rows", [1, 9])
+def test_the_fused_gelu_is_gpt2s_tanh_gelu_of_the_product(rows: int) -> None:
+    """c_fc's output goes through GPT-2's GELU inside the kernel: float64's GELU of the float64 product, to float32
+    rounding (torch's own float32 GELU is further off near 0, where 1 + tanh(u) loses digits)."""
+    torch.manual_seed(rows)
+    n, k = 70, 64  # 70: a last column block of 6 real columns, the masked tail of the GELU loop
+    w, bias, x = torch.randn(n, k) * 0.3, torch.randn(n), torch.randn(rows, k)
+    x[0, :] = 0.0
+    x[0, 0] = 1.0  # row 0: the product is W's first column plus the bias, values near 0 included
+    got = torch.ops.toyllm.amx_linear(x, amx.pack_weight(w), bias, n, True).double()
+    z = F.linear(x.bfloat16().double(), w.bfloat16().double(), bias.double())
+    exact = 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)))
+    torch.testing.assert_close(got, exact, rtol=2e-6, atol=1e-6)
+    assert torch.equal(
+        got,
+        torch.cat(
+            [torch.ops.toyllm.amx_linear(x[i : i + 1], amx.pack_weight(w), bias, n, True).double() for i in range(rows)]
+        ),
+    )
+
+
+@needs_amx
 def test_the_operator_refuses_a_packing_that_does_not_fit() -> None:
     packed = amx.pack_weight(torch.randn(20, 64))
     with pytest.raises(RuntimeError, match="packed shape does not fit"):
@@ -83,6 +105,9 @@ def test_a_model_through_amx_keeps_weights_ties_training_and_its_cache() -> None
     fast = amx.use_amx(copy.deepcopy(model))
     linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m, amx.AmxLinear) for m in linears)
+    for block in fast.transformer.h:  # each MLP's GELU moved into its c_fc
+        assert block.mlp.c_fc.gelu and isinstance(block.mlp.act, torch.nn.Identity)
+    assert not any(m.gelu for m in linears if m not in [b.mlp.c_fc for b in fast.transformer.h])
     assert fast.lm_head.weight is fast.transformer.wte.weight
     assert fast.state_dict().keys() == model.state_dict().keys()  # the packed copies are not saved
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
@@ -94,7 +119,8 @@ def test_a_model_through_amx_keeps_weights_ties_training_and_its_cache() -> None
         fast(ids[:, :7], cache=cache)
         rest = fast(ids[:, 7:], cache=cache)  # 5 rows against a cache: the rows a one-pass prefill gave them
         torch.testing.assert_close(rest[0], full[0, 7:], rtol=1e-5, atol=1e-5)
-    loss = fast.train()(ids, labels=ids).loss  # gradients: F.linear on the float32 weights
+    loss = fast.train()(ids, labels=ids).loss  # gradients: F.linear (and the GELU) on the float32 weights
+    torch.testing.assert_close(loss, model.train()(ids, labels=ids).loss)  # float32 again, not bfloat16
     loss.backward()
     assert fast.lm_head.weight.grad is not None and fast.lm_head.weight.grad.abs().sum() > 0
 

@@ -103,12 +103,14 @@ class GPT2MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face). A module rather than a call, so that
+        # an inference conversion can fuse it into c_fc's kernel (toyllm/kernels/amx.py) and leave an Identity here.
+        self.act: nn.Module = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class GPT2Block(nn.Module):

@@ -140,7 +140,7 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("toyllm::amx_linear")
-    def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, n: int) -> torch.Tensor:
+    def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, n: int, gelu: bool = False) -> torch.Tensor:
         return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("toyllm::argmax_rows")

@@ -64,25 +64,36 @@ class AmxLinear(nn.Linear):
     """
 
     packed: torch.Tensor
+    gelu: bool  # GPT-2's tanh GELU applied to the output, in the kernel (the MLP's own `act` is then an Identity)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> AmxLinear:
+    def from_linear(cls, linear: nn.Linear, gelu: bool = False) -> AmxLinear:
         """Shares `linear`'s Parameter objects, so tied weights (GPT-2's lm_head and wte) stay tied."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.bias = linear.bias
+        layer.gelu = gelu
         layer.register_buffer("packed", pack_weight(linear.weight), persistent=False)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            return F.linear(x, self.weight, self.bias)
-        bias = self.bias.float().contiguous() if self.bias is not None else _EMPTY
+            y = F.linear(x, self.weight, self.bias)
+            return F.gelu(y, approximate="tanh") if self.gelu else y
+        bias = self.bias if self.bias is not None else _EMPTY
+        if x.dtype == torch.float32 and bias.dtype == torch.float32:
+            # The usual case, with nothing to convert: this runs for every layer of every step, and for a small draft
+            # the Python around the kernel is a visible share of the step.
+            y = torch.ops.toyllm.amx_linear(x.reshape(-1, x.shape[-1]), self.packed, bias, self.out_features, self.gelu)
+            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K)
-        y = torch.ops.toyllm.amx_linear(x2, self.packed, bias, self.out_features)  # (M, N) float32
+        y = torch.ops.toyllm.amx_linear(x2, self.packed, bias.float().contiguous(), self.out_features, self.gelu)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", gelu=tanh" if self.gelu else "")
 
 
 def use_amx(model: nn.Module) -> nn.Module:
@@ -100,7 +111,13 @@ def use_amx(model: nn.Module) -> nn.Module:
         raise InvalidArgumentError("AMX products run on the CPU: use --device cpu")
     with torch.no_grad():
         for parent in list(model.modules()):
+            # An MLP's c_fc takes its GELU into the kernel (its output is then written once, already activated).
+            act, c_fc = getattr(parent, "act", None), getattr(parent, "c_fc", None)
+            fuse = isinstance(act, nn.GELU) and act.approximate == "tanh" and isinstance(c_fc, nn.Linear)
+            fuse = fuse and not isinstance(c_fc, AmxLinear)
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and not isinstance(child, AmxLinear):
-                    setattr(parent, name, AmxLinear.from_linear(child))
+                    setattr(parent, name, AmxLinear.from_linear(child, gelu=fuse and name == "c_fc"))
+            if fuse:
+                parent.act = nn.Identity()
     return model
