@@ -84,20 +84,22 @@ torch::Tensor argmax_rows(torch::Tensor x) {
     auto out = torch::empty({M}, x.options().dtype(at::kLong));
     const float* xp = x.data_ptr<float>();
     int64_t* op = out.data_ptr<int64_t>();
-    // Every row cut into `parts` pieces, one task each, so one row still uses every thread. A piece of at least
-    // 16K floats (64 KB) is worth a thread.
+    // Every row cut into `parts` pieces of columns, one task each, so one row still uses every thread. A piece of at
+    // least 16K floats (64 KB) is worth a thread. Tasks go piece by piece (all rows' first pieces, then the second
+    // ones...), so a thread scans a band of columns: the band the same thread wrote when the kernel's product made
+    // these logits (amx.cpp and gemv.cpp split the output columns the same way), still in that core's cache.
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 16384));
     const int64_t piece = (N + parts - 1) / parts;
     std::vector<Best> found(M * parts);
     at::parallel_for(0, M * parts, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-            const int64_t row = t / parts, lo = (t % parts) * piece, hi = std::min(N, lo + piece);
+            const int64_t row = t % M, lo = (t / M) * piece, hi = std::min(N, lo + piece);
             found[t] = scan(xp + row * N, lo, hi);
         }
     });
     for (int64_t row = 0; row < M; ++row) {
         Best b{0.0f, -1};
-        for (int64_t p = 0; p < parts; ++p) b = better(b, found[row * parts + p]);  // pieces in index order
+        for (int64_t p = 0; p < parts; ++p) b = better(b, found[p * M + row]);  // pieces in index order
         op[row] = b.index;
     }
     return out;
