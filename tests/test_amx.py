@@ -153,3 +153,24 @@ def test_the_speculative_bench_times_both_models_through_amx(tmp_path) -> None:
     assert all(r["outputs_match"] is True for r in results["rows"])
     with pytest.raises(InvalidArgumentError, match="^choose one of --kernels and --amx$"):
         run_speculative_bench(**kw, amx=True, kernels=True, device="cpu")
+
+
+@needs_amx
+def test_the_amx_bench_mode_counts_the_bytes_it_reads() -> None:
+    """`toyllm bench --modes kv,amx`: bfloat16 weights are half the bytes a step reads; the float32 weights are held
+    (more bytes in all), not read."""
+    from toyllm.bench.suite import BenchSettings, benchmark
+
+    settings = BenchSettings(
+        model="random:gpt2-tiny",
+        modes=("kv", "amx"),
+        max_new_tokens=6,
+        warmup=0,
+        repeats=1,
+        device="cpu",
+        bandwidth_probe_bytes=2**23,
+    )
+    rows = {r["mode"]: r for r in benchmark(settings)["results"]}
+    kv, fast = rows["kv"], rows["amx"]
+    assert fast["streamed_bytes"] < 0.55 * kv["streamed_bytes"] and fast["model_bytes"] > kv["model_bytes"]
+    assert 0.0 <= fast["tokens_match"] <= 1.0

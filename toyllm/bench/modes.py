@@ -11,6 +11,7 @@
     gemv         the KV path with toyllm's own AVX2 matrix-vector kernel, float32 weights (toyllm/kernels; CPU only)
     gemv-bf16    bf16 with the same kernel reading bfloat16 weights (float32 accumulation; CPU only)
     gemv-int8    int8 with the same kernel reading the int8 weights (weight-only; CPU only)
+    amx          the KV path with every Linear on AMX tiles in bfloat16 (toyllm/kernels/amx.py; Intel CPUs with AMX)
     speculative  the KV path plus a draft model (default: the target's first quarter of layers)
     hf           transformers' GPT2LMHeadModel.generate, greedy, with the same weights and dtype
 
@@ -34,6 +35,7 @@ from toyllm.bench.runner import Mode, OnTokens
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, token_source
 from toyllm.gpt2.model import GPT2LMHeadModel
+from toyllm.kernels.amx import AmxLinear, use_amx
 from toyllm.kv_cache import KVCache
 from toyllm.quantize import PackedKind, PackedLinear, pack_for_cpu, quantize_int8
 
@@ -49,6 +51,7 @@ MODE_NAMES = (
     "gemv",
     "gemv-bf16",
     "gemv-int8",
+    "amx",
     "speculative",
     "hf",
 )
@@ -71,10 +74,11 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
     for module in model.modules():
         if isinstance(module, PackedLinear):
             packed += module.packed_bytes
+        unread = module.weight if isinstance(module, AmxLinear) else None  # it reads its bfloat16 copy, `packed`
         for t in chain(module.parameters(recurse=False), module.buffers(recurse=False)):
             span = (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())  # the tensor, not all its storage
             everything.add(span)
-            if not isinstance(module, nn.Embedding):
+            if not isinstance(module, nn.Embedding) and t is not unread:
                 streamed.add(span)
     return packed + _covered(everything), packed + _covered(streamed)
 
@@ -250,6 +254,7 @@ VARIANTS: dict[str, Callable[[GPT2LMHeadModel], GPT2LMHeadModel]] = {
     "gemv": lambda m: _with_kernels(copy.deepcopy(m)),
     "gemv-bf16": lambda m: _with_kernels(copy.deepcopy(m).to(torch.bfloat16)),
     "gemv-int8": lambda m: _with_kernels(quantize_int8(copy.deepcopy(m))),
+    "amx": lambda m: use_amx(copy.deepcopy(m)),
 }
 
 

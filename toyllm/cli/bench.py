@@ -131,7 +131,7 @@ def bench(
         typer.Option(
             "--modes",
             help="Comma-separated: naive, kv, kv+compile, onednn, bf16, int8, fp16w, int8-dyn, gemv, gemv-bf16,"
-            " gemv-int8, speculative, hf; bf16, int8 and the gemv modes also as <mode>+compile.",
+            " gemv-int8, amx, speculative, hf; bf16, int8 and the gemv modes also as <mode>+compile.",
         ),
     ] = "naive,kv,hf",
     model: Model = DEFAULT_MODEL,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toyllm.kernels import load
+from toyllm.kernels import ModuleT, load
 
 _EMPTY = torch.empty(0)
 
@@ -96,7 +96,7 @@ class AmxLinear(nn.Linear):
         return super().extra_repr() + (", gelu=tanh" if self.gelu else "")
 
 
-def use_amx(model: nn.Module) -> nn.Module:
+def use_amx(model: ModuleT) -> ModuleT:
     """Route every `nn.Linear` of `model` (in place) through AMX; returns the model.
 
     Raises a one-line `InvalidArgumentError` where AMX is unavailable. A self-speculative draft shares the target's
