@@ -174,3 +174,23 @@ def test_the_amx_bench_mode_counts_the_bytes_it_reads() -> None:
     kv, fast = rows["kv"], rows["amx"]
     assert fast["streamed_bytes"] < 0.55 * kv["streamed_bytes"] and fast["model_bytes"] > kv["model_bytes"]
     assert 0.0 <= fast["tokens_match"] <= 1.0
+
+
+@needs_amx
+def test_generate_cli_with_amx_prints_text_and_speculative_stats(capsys: pytest.CaptureFixture[str]) -> None:
+    from kernel_helpers import KernelCalls
+
+    from toyllm.cli.main import run_app
+
+    args = ["generate", "Hello there", "--model", "random:gpt2-tiny", "-n", "12", "--temperature", "0", "--seed", "1"]
+    texts = []
+    for extra in (["--amx"], ["--amx", "--draft-layers", "1"]):
+        with KernelCalls() as calls:
+            assert run_app([*args, *extra]) == 0
+        captured = capsys.readouterr()
+        texts.append(captured.out)
+        assert calls.rows  # the products went through AMX
+    assert texts[0] == texts[1] and texts[0].startswith("Hello there")  # speculative = plain greedy, both on AMX
+    assert "speculative:" in captured.err
+    assert run_app([*args, "--amx", "--cpu-kernel"]) == 2
+    assert capsys.readouterr().err.strip().endswith("choose one of --cpu-kernel and --amx")

@@ -245,12 +245,15 @@ def run_generate(
     stream: bool = False,
     out: TextIO | None = None,
     cpu_kernel: bool = False,
+    amx: bool = False,
 ) -> GenerationStats:
     """The whole of `toyllm generate`: check, load, generate, print the prompt and completion, report the stats.
 
     The text goes to `out` (stdout); statistics go to stderr, so `toyllm generate ... > story.txt` keeps only text.
     """
     out = out if out is not None else sys.stdout
+    if cpu_kernel and amx:
+        raise InvalidArgumentError("choose one of --cpu-kernel and --amx")
     target_device, target_dtype = check_options(config, prompt, device, dtype)
     check_draft_options(draft, draft_layers, draft_vocab, draft_vocab_data)  # (load_draft checks too, but later)
     if tokenizer is not None:
@@ -266,6 +269,12 @@ def run_generate(
         from toyllm import kernels
 
         kernels.enable("--cpu-kernel", *[m for m in (lm, draft_model) if m is not None])
+    if amx:
+        from toyllm.kernels.amx import use_amx
+
+        for m in (lm, draft_model):  # a self draft shares the target's layers: each is converted once
+            if m is not None:
+                use_amx(m)
     check_prompt_fits(tok, lm, prompt, config)
     config = dataclasses.replace(config, eos_token_id=tok.eos_token_id)  # this tokenizer's end of text
 

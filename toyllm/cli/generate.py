@@ -179,6 +179,14 @@ def generate(
             rich_help_panel=MODEL,
         ),
     ] = False,
+    amx: Annotated[
+        bool,
+        typer.Option(
+            "--amx",
+            help="Run every Linear on AMX tiles in bfloat16 (Intel Xeon CPUs with AMX; compiled on first use).",
+            rich_help_panel=MODEL,
+        ),
+    ] = False,
 ) -> None:
     from toyllm.cli.common import check_speculative_options, lookahead_bounds, run_generate
     from toyllm.generation import GenerationConfig
@@ -214,6 +222,7 @@ def generate(
         draft_vocab_data=draft_vocab_data,
         stream=stream,
         cpu_kernel=cpu_kernel,
+        amx=amx,
     )
 
 
