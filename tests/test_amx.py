@@ -6,12 +6,15 @@ only where the CPU has AMX."""
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from kernel_helpers import needs_kernel
 
+from toyllm import kernels
 from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, generate
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -19,14 +22,26 @@ from toyllm.kernels import amx
 from toyllm.kv_cache import KVCache
 
 
-def _reason() -> str | None:
+def _cpu_has_amx() -> bool:
+    """From the CPU's flags, without building anything: on an AMX machine a failed build must fail these tests."""
     try:
-        return amx.amx_unavailable_reason()
-    except Exception as exc:  # noqa: BLE001 - a skip reason, whatever stopped it
-        return str(exc)
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("amx_bf16", "amx_tile", "avx512_bf16"))
 
 
-needs_amx = pytest.mark.skipif(needs_kernel.args[0] or _reason() is not None, reason=f"no AMX here: {_reason()}")
+needs_amx = pytest.mark.skipif(
+    needs_kernel.args[0] or not _cpu_has_amx() or os.environ.get("TOYLLM_KERNEL_AMX") == "0",
+    reason="no AMX-BF16 on this CPU (or no CPU kernel, or TOYLLM_KERNEL_AMX=0)",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    """Build (or load) the kernel before the first test: on an AMX machine it must be there."""
+    if not needs_amx.args[0]:
+        assert kernels.load() is not None, kernels.unavailable_reason()
 
 
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (37, 40), (5, 8), (48, 96)])
@@ -52,7 +67,7 @@ def test_use_amx_refuses_in_one_line_where_it_cannot_run(monkeypatch: pytest.Mon
 
 
 @needs_amx
-@pytest.mark.parametrize(("n", "k"), [(37, 40), (64, 768), (5, 8), (1000, 384), (33, 1536)])
+@pytest.mark.parametrize(("n", "k"), [(37, 40), (64, 768), (5, 8), (1000, 384), (33, 1536), (60, 64), (124, 40)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 16, 17, 40])
 def test_amx_linear_is_the_product_of_the_rounded_operands(n: int, k: int, rows: int) -> None:
     torch.manual_seed(rows * 100 + k)
@@ -194,3 +209,60 @@ def test_generate_cli_with_amx_prints_text_and_speculative_stats(capsys: pytest.
     assert "speculative:" in captured.err
     assert run_app([*args, "--amx", "--cpu-kernel"]) == 2
     assert capsys.readouterr().err.strip().endswith("choose one of --cpu-kernel and --amx")
+
+
+@needs_amx
+def test_a_layer_stays_right_after_conversion_casts_and_weight_changes() -> None:
+    """The packed copy survives `.to(float32)` / `.half()` (it is int16 bits), follows in-place changes to the
+    weight (an optimizer step, load_state_dict), and a narrower x is refused as F.linear refuses it."""
+    torch.manual_seed(0)
+    layer = amx.AmxLinear.from_linear(torch.nn.Linear(64, 20))
+    x = torch.randn(3, 64)
+
+    def exact() -> torch.Tensor:
+        return F.linear(x.bfloat16().double(), layer.weight.bfloat16().double(), layer.bias.double()).float()
+
+    with torch.no_grad():
+        layer.to(torch.float32)
+        assert layer.packed.dtype == torch.int16
+        torch.testing.assert_close(layer(x), exact(), rtol=1e-5, atol=1e-4)
+        layer.weight.mul_(-2.0)  # in place, as an optimizer step or load_state_dict writes
+        torch.testing.assert_close(layer(x), exact(), rtol=1e-5, atol=1e-4)
+        layer.load_state_dict({"weight": torch.randn(20, 64), "bias": torch.randn(20)})
+        torch.testing.assert_close(layer(x), exact(), rtol=1e-5, atol=1e-4)
+        with pytest.raises(ValueError, match="x has 48 features, the layer takes 64"):
+            layer(torch.randn(3, 48))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.toyllm.amx_linear(torch.randn(2, 0), torch.zeros(1, 0, 16, 16, 2, dtype=torch.int16), _EMPTY, 5)
+
+
+_EMPTY = torch.empty(0)
+
+
+@needs_amx
+def test_a_self_draft_made_before_the_conversion_shares_every_packed_layer() -> None:
+    """The CLI makes the self draft first, then converts target and draft: the head is packed once, not twice."""
+    torch.manual_seed(2)
+    target = GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).eval()
+    draft = target.first_layers(1)
+    amx.use_amx(target)
+    amx.use_amx(draft)
+    assert draft.lm_head is target.lm_head and draft.transformer.h[0] is target.transformer.h[0]
+    packed = {id(m.packed) for model in (target, draft) for m in model.modules() if isinstance(m, amx.AmxLinear)}
+    assert len(packed) == 4 * target.config.n_layer + 1
+
+
+@needs_amx
+def test_restricting_the_vocabulary_after_the_conversion() -> None:
+    """restrict_vocab on a converted model: its smaller head is an AmxLinear too, with the kept rows' logits."""
+    torch.manual_seed(3)
+    model = amx.use_amx(GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).eval())
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        full = model(ids)
+        keep = torch.tensor([0, 3, 7, 11, 50])
+        model.restrict_vocab(keep)
+        assert isinstance(model.head_subset, amx.AmxLinear)
+        restricted = model(ids)
+    torch.testing.assert_close(restricted[..., keep], full[..., keep])
+    assert torch.isinf(restricted[..., 1]).all()

@@ -277,8 +277,16 @@ def test_argmax_rows_is_torchs_argmax_ties_nan_and_infinities_included(rows: int
     with_nan[:, width // 2] = float("nan")
     with_nan[:, -1] = float("inf")
     cases.append(with_nan)  # a NaN beats +inf (torch counts NaN as the largest)
-    for x in cases:
-        assert torch.equal(torch.ops.toyllm.argmax_rows(x), torch.argmax(x, dim=-1))
+    late_nan = torch.randn(rows, width)
+    late_nan[:, -1] = float("nan")  # in the last piece of a row that is split over threads
+    cases.append(late_nan)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # 3 pieces of a 50257-wide row
+    try:
+        for x in cases:
+            assert torch.equal(torch.ops.toyllm.argmax_rows(x), torch.argmax(x, dim=-1))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_greedy_takes_the_kernels_argmax_once_it_is_loaded() -> None:

@@ -266,11 +266,13 @@ class GPT2LMHeadModel(nn.Module):
         if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.config.vocab_size:
             raise ValueError(f"token ids to keep must be a non-empty set within 0..{self.config.vocab_size - 1}")
         ids = ids.to(weight.device)
-        # The same class as the head (a kernel's nn.Linear subclass stays one), holding a copy of the kept rows.
-        head = type(self.lm_head)(self.config.n_embd, ids.numel(), bias=False, device=weight.device, dtype=weight.dtype)
+        head = nn.Linear(self.config.n_embd, ids.numel(), bias=False, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            head.weight.copy_(weight[ids])
+            head.weight.copy_(weight[ids])  # a copy of the kept rows
         head.requires_grad_(False)
+        convert = getattr(type(self.lm_head), "from_linear", None)  # a kernel's Linear subclass: the copy is one too
+        if convert is not None:
+            head = convert(head)
         self.head_vocab, self.head_subset = ids, head
 
     def first_layers(self, n_layer: int) -> GPT2LMHeadModel:

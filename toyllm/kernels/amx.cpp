@@ -5,7 +5,8 @@
 // step on 2 CPU cores (docs/speculative_bench.md), and that ratio v caps the speedup. An AMX unit multiplies a
 // 16 x 32 bfloat16 tile by a 32 x 16 one in a single instruction, so 1 or 16 rows of x cost the same instruction
 // stream: the time is the time to stream the weights, which are half the bytes of float32. The price is precision:
-// x and W are rounded to bfloat16 (8 bits of mantissa) before the product, as under torch's bfloat16 autocast.
+// x and W are rounded to bfloat16 (8 bits of mantissa) before the product, as under torch's bfloat16 autocast, but
+// the result stays float32.
 //
 // Each output depends only on its own row of x and the fixed order of the k-loop, never on how many rows share the
 // call, so a verification of K + 1 rows gives each row exactly the logits a one-row step would (tested).
@@ -21,9 +22,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
-// AMX intrinsics need GCC 11 or clang 12. Older compilers still build the rest of the kernel; amx_ready() says no.
-#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+// AMX intrinsics (and "amx-bf16" in __builtin_cpu_supports) need GCC 11 or a recent clang. Older compilers still build
+// the rest of the kernel; amx_ready() then says no.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 18) || (!defined(__clang__) && __GNUC__ >= 11))
 #define TOYLLM_HAVE_AMX 1
 #define TOYLLM_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16")))
 #else
@@ -41,6 +44,7 @@ struct TileConfig {
     uint16_t colsb[16];
     uint8_t rows[16];
 };
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
 
 // Tile registers (the intrinsics paste their number into the instruction, so they are written as literals below):
 // 0..3 accumulate 4 blocks of 16 output columns (C), 4 holds 32 inputs of each row of x (A), and 5 and 6 take turns
@@ -63,8 +67,8 @@ TOYLLM_AMX void configure(int64_t rows) {
 }
 
 // GPT-2's GELU, tanh form, on 16 lanes: 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), computed as the
-// equal x * sigmoid(2u) = x / (1 + exp(-2u)). exp is 2^n * 2^f: n rounded, 2^f (|f| <= 0.5) by a degree-6 polynomial
-// (relative error about 1e-7, float32's own rounding). Fused into c_fc's output (amx.py), it replaces torch's GELU,
+// equal x * sigmoid(2u) = x / (1 + exp(-2u)). exp(-2u) = 2^t = 2^n * e^r with n = round(t) and r = (t - n) ln 2,
+// |r| <= ln(2)/2, e^r by its Taylor series to degree 6 (relative error under 2e-7, about float32's rounding). Fused into c_fc's output (amx.py), it replaces torch's GELU,
 // which ran on one thread and cost 25 us for the 9 x 1536 outputs of a verification, 5x one row's.
 TOYLLM_AMX __m512 gelu_tanh16(__m512 x) {
     const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
@@ -73,14 +77,14 @@ TOYLLM_AMX __m512 gelu_tanh16(__m512 x) {
     __m512 t = _mm512_mul_ps(u, _mm512_set1_ps(-2.0f * 1.4426950408889634f));
     t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // 2^(t-n) = e^f
+    const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // 2^(t-n) = e^r
     __m512 e = _mm512_set1_ps(1.0f / 720);
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f / 120));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f / 24));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f / 6));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(0.5f));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f));  // e^f, |f| <= ln(2)/2
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 120));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 24));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 6));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));  // e^r
     e = _mm512_scalef_ps(e, n);                        // * 2^n
     return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
@@ -159,13 +163,15 @@ TOYLLM_AMX void column_blocks(const uint16_t* xb, const uint16_t* packed, const 
     _tile_release();
 }
 
-// float32 -> bfloat16 with round-to-nearest-even (as torch's .bfloat16()), zero-padding each row from K to Kp.
+// float32 -> bfloat16 with round-to-nearest-even, zero-padding each row from K to Kp. As torch's .bfloat16() except
+// for float32 denormals (below 1.2e-38), which the vector instruction flushes to zero; TDPBF16PS ignores bfloat16
+// denormals in any case.
 TOYLLM_AMX void to_bfloat16(const float* x, uint16_t* xb, int64_t M, int64_t K, int64_t Kp) {
     for (int64_t m = 0; m < M; ++m) {
         int64_t k = 0;
         for (; k + 16 <= K; k += 16) {
             const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + m * K + k));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + m * Kp + k), reinterpret_cast<const __m256i&>(v));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + m * Kp + k), (__m256i)v);
         }
         for (; k < K; ++k) xb[m * Kp + k] = c10::BFloat16(x[m * K + k]).x;
         for (; k < Kp; ++k) xb[m * Kp + k] = 0;
@@ -181,7 +187,9 @@ bool amx_ready() {
         constexpr int kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
         const char* env = std::getenv("TOYLLM_KERNEL_AMX");
         if (env && env[0] == '0') return false;
-        return __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+        const bool cpu = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512bf16");
+        return cpu && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
     }();
     return ok;
 #else
@@ -189,18 +197,21 @@ bool amx_ready() {
 #endif
 }
 
-// x: (M, K) float32; packed: (ceil(N/16), ceil(K/32), 16, 16, 2) bfloat16; bias: (N,) float32 or empty.
+// x: (M, K) float32; packed: (ceil(N/16), ceil(K/32), 16, 16, 2) bfloat16, or its bits as int16 (amx.py keeps it
+// so); bias: (N,) float32 or empty.
 // gelu: apply GPT-2's tanh GELU to the result. Returns (M, N) float32.
 torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, int64_t N, bool gelu) {
     TORCH_CHECK(amx_ready(), "amx_linear: this CPU or kernel does not allow AMX");
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
                 "amx_linear: x must be an (M, K) float32 CPU tensor");
     x = x.contiguous();  // (a no-op when it already is)
-    TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 5 && packed.is_contiguous() &&
+    TORCH_CHECK((packed.scalar_type() == at::kBFloat16 || packed.scalar_type() == at::kShort) && packed.dim() == 5 &&
+                    packed.is_contiguous() &&
                     packed.size(2) == 16 && packed.size(3) == 16 && packed.size(4) == 2,
-                "amx_linear: packed must be a contiguous (N/16, K/32, 16, 16, 2) bfloat16 tensor");
+                "amx_linear: packed must be a contiguous (N/16, K/32, 16, 16, 2) bfloat16 (or int16) tensor");
     const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), Kp = packed.size(1) * 32;
-    TORCH_CHECK(Kp >= K && Kp < K + 32 && NB * 16 >= N && NB * 16 < N + 16, "amx_linear: packed shape does not fit");
+    TORCH_CHECK(K > 0 && Kp >= K && Kp < K + 32 && NB * 16 >= N && NB * 16 < N + 16,
+                "amx_linear: packed shape does not fit");
     TORCH_CHECK(!bias.numel() || (bias.scalar_type() == at::kFloat && bias.numel() == N),
                 "amx_linear: bias must be (N,) float32");
     bias = bias.contiguous();
@@ -210,7 +221,7 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bi
     auto xb = torch::empty({M, Kp}, x.options().dtype(at::kBFloat16));
     auto* xbp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
     to_bfloat16(x.data_ptr<float>(), xbp, M, K, Kp);
-    const auto* pp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+    const auto* pp = static_cast<const uint16_t*>(packed.data_ptr());
     const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     // Tasks of whole 4-block groups, at least 32 KB of weights each, so a small matrix is not split across threads

@@ -13,6 +13,8 @@ refuse with that one line. Inference only: the packed copy is taken once, so con
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,10 @@ class AmxLinear(nn.Linear):
     """An `nn.Linear` (same Parameters, same state dict) whose inference products run on AMX tiles in bfloat16.
 
     The packed copy is a non-persistent buffer: it is never saved, and the float32 `weight` stays the model's
-    weight (training, and anything that needs gradients, goes through `F.linear` with it, in float32).
+    weight (training, and anything that needs gradients, goes through `F.linear` with it, in float32). The copy holds
+    the bfloat16 bit patterns as int16, so that `model.to(dtype)` or `.half()` leave it alone, and it is taken again
+    whenever the weight has changed since (an optimizer step, `load_state_dict`): torch counts every in-place write
+    to a tensor in its `_version`.
     """
 
     packed: torch.Tensor
@@ -75,13 +80,23 @@ class AmxLinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.gelu = gelu
-        layer.register_buffer("packed", pack_weight(linear.weight), persistent=False)
+        layer.register_buffer("packed", torch.empty(0, dtype=torch.int16), persistent=False)
+        layer.repack()
         return layer
+
+    def repack(self) -> None:
+        """Take the packed copy of the weight as it is now."""
+        self.packed = pack_weight(self.weight).view(torch.int16)  # (N/16, K/32, 16, 16, 2)
+        self.packed_version = self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             y = F.linear(x, self.weight, self.bias)
             return F.gelu(y, approximate="tanh") if self.gelu else y
+        if x.shape[-1] != self.in_features:  # the kernel would zero-pad a narrower x, where F.linear refuses it
+            raise ValueError(f"AmxLinear: x has {x.shape[-1]} features, the layer takes {self.in_features}")
+        if self.weight._version != self.packed_version:
+            self.repack()
         bias = self.bias if self.bias is not None else _EMPTY
         if x.dtype == torch.float32 and bias.dtype == torch.float32:
             # The usual case, with nothing to convert: this runs for every layer of every step, and for a small draft
@@ -96,13 +111,19 @@ class AmxLinear(nn.Linear):
         return super().extra_repr() + (", gelu=tanh" if self.gelu else "")
 
 
+# Every Linear converted so far, and what it became: a self-speculative draft made before the conversion holds the
+# target's original head, and converting the draft must reuse the target's AmxLinear, not pack the head twice.
+_converted: weakref.WeakKeyDictionary[nn.Linear, AmxLinear] = weakref.WeakKeyDictionary()
+
+
 def use_amx(model: ModuleT) -> ModuleT:
     """Route every `nn.Linear` of `model` (in place) through AMX; returns the model.
 
     Raises a one-line `InvalidArgumentError` where AMX is unavailable. A self-speculative draft shares the target's
-    layers, so converting both converts each layer once.
+    layers and head: whichever model is converted first, each Linear is packed once.
     """
     from toyllm.errors import InvalidArgumentError
+    from toyllm.gpt2.model import GPT2MLP
 
     reason = amx_unavailable_reason()
     if reason is not None:
@@ -111,13 +132,14 @@ def use_amx(model: ModuleT) -> ModuleT:
         raise InvalidArgumentError("AMX products run on the CPU: use --device cpu")
     with torch.no_grad():
         for parent in list(model.modules()):
-            # An MLP's c_fc takes its GELU into the kernel (its output is then written once, already activated).
-            act, c_fc = getattr(parent, "act", None), getattr(parent, "c_fc", None)
-            fuse = isinstance(act, nn.GELU) and act.approximate == "tanh" and isinstance(c_fc, nn.Linear)
-            fuse = fuse and not isinstance(c_fc, AmxLinear)
+            # GPT-2's MLP: c_fc takes the GELU into the kernel (its output is then written once, already activated).
+            act = parent.act if isinstance(parent, GPT2MLP) else None
+            fuse = isinstance(act, nn.GELU) and act.approximate == "tanh" and type(parent.c_fc) is not AmxLinear
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and not isinstance(child, AmxLinear):
-                    setattr(parent, name, AmxLinear.from_linear(child, gelu=fuse and name == "c_fc"))
+                    if child not in _converted:
+                        _converted[child] = AmxLinear.from_linear(child, gelu=fuse and name == "c_fc")
+                    setattr(parent, name, _converted[child])
             if fuse:
                 parent.act = nn.Identity()
     return model

@@ -2,8 +2,9 @@
 //
 // Why: a greedy step reads every logit once (50257 per row for GPT-2), and a speculative verification has K + 1 rows.
 // numpy's argmax (toyllm/sampling.py `greedy`) runs on one core: 0.25 ms for 9 rows on a 2-core Xeon, about a twentieth
-// of the forward that made them, and 0.07 ms for one row. Here the rows, or for one row its halves, are split over
-// torch's threads, and each part is scanned 16 floats at a time.
+// of the forward that made them, and 0.07 ms for one row. Here each row is cut into pieces of columns (one per
+// thread, each at least 16K floats), the pieces are split over torch's threads, and each is scanned 16 floats at a
+// time.
 //
 // Ties go to the lowest index and a NaN counts as the largest value (its first occurrence wins), as torch.argmax does.
 
@@ -86,8 +87,9 @@ torch::Tensor argmax_rows(torch::Tensor x) {
     int64_t* op = out.data_ptr<int64_t>();
     // Every row cut into `parts` pieces of columns, one task each, so one row still uses every thread. A piece of at
     // least 16K floats (64 KB) is worth a thread. Tasks go piece by piece (all rows' first pieces, then the second
-    // ones...), so a thread scans a band of columns: the band the same thread wrote when the kernel's product made
-    // these logits (amx.cpp and gemv.cpp split the output columns the same way), still in that core's cache.
+    // ones...), so with one piece per thread a thread scans a band of columns: about the band the same thread wrote
+    // when the kernel's product made these logits (amx.cpp and gemv.cpp split the output columns in contiguous
+    // ranges too), still in that core's cache.
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 16384));
     const int64_t piece = (N + parts - 1) / parts;
     std::vector<Best> found(M * parts);
