@@ -8,7 +8,8 @@ autocast for the linear layers only: x and W rounded to bfloat16, products summe
 and the residual stream stay float32.
 
 Intel Xeon CPUs from Sapphire Rapids on have AMX; elsewhere `amx_unavailable_reason()` says why not and callers
-refuse with that one line. Inference only: the packed copy is taken once, so convert a model after loading it.
+refuse with that one line. Products that need gradients (training) go through F.linear on the float32 weights;
+the packed copy follows any in-place change to them.
 """
 
 from __future__ import annotations
