@@ -266,3 +266,18 @@ def test_restricting_the_vocabulary_after_the_conversion() -> None:
         restricted = model(ids)
     torch.testing.assert_close(restricted[..., keep], full[..., keep])
     assert torch.isinf(restricted[..., 1]).all()
+
+
+@needs_amx
+def test_a_large_packed_copy_starts_on_a_huge_page() -> None:
+    """Like gemv.cpp's weights, a packed copy of 2 MB or more goes to memory advised for 2 MB pages (where Linux
+    allows), and again after a repack."""
+    from toyllm import hugepages
+
+    layer = amx.AmxLinear.from_linear(torch.nn.Linear(512, 4096, bias=False))  # 4 MB of bfloat16
+    for _ in range(2):
+        if hugepages.available():
+            assert layer.packed.data_ptr() % hugepages.HUGE_PAGE == 0
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+            layer(torch.randn(1, 512))  # repacks

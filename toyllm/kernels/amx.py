@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toyllm import hugepages
 from toyllm.kernels import ModuleT, load
 
 _EMPTY = torch.empty(0)
@@ -35,6 +36,15 @@ def amx_unavailable_reason() -> str | None:
     if not torch.ops.toyllm.amx_ready():
         return "this CPU has no AMX-BF16 (an Intel Xeon from Sapphire Rapids on), or Linux refused it to this process"
     return None
+
+
+def _require_amx() -> None:
+    """Build or load the kernel; a one-line `InvalidArgumentError` where AMX products cannot run."""
+    from toyllm.errors import InvalidArgumentError
+
+    reason = amx_unavailable_reason()
+    if reason is not None:
+        raise InvalidArgumentError(f"AMX products need an Intel CPU with AMX: {reason}")
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -75,6 +85,7 @@ class AmxLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, gelu: bool = False) -> AmxLinear:
         """Shares `linear`'s Parameter objects, so tied weights (GPT-2's lm_head and wte) stay tied."""
+        _require_amx()
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -86,8 +97,13 @@ class AmxLinear(nn.Linear):
         return layer
 
     def repack(self) -> None:
-        """Take the packed copy of the weight as it is now."""
-        self.packed = pack_weight(self.weight).view(torch.int16)  # (N/16, K/32, 16, 16, 2)
+        """Take the packed copy of the weight as it is now (in 2 MB huge pages where it spans one and Linux allows:
+        fewer page walks while it streams, as for gemv.cpp's weights; toyllm/hugepages.py)."""
+        packed = pack_weight(self.weight).view(torch.int16)  # (N/16, K/32, 16, 16, 2)
+        if packed.nbytes >= hugepages.HUGE_PAGE and hugepages.available():
+            moved = hugepages.aligned_copy(packed)
+            packed = moved if moved is not None else packed
+        self.packed = packed
         self.packed_version = self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +142,7 @@ def use_amx(model: ModuleT) -> ModuleT:
     from toyllm.errors import InvalidArgumentError
     from toyllm.gpt2.model import GPT2MLP
 
-    reason = amx_unavailable_reason()
-    if reason is not None:
-        raise InvalidArgumentError(f"AMX products need an Intel CPU with AMX: {reason}")
+    _require_amx()
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise InvalidArgumentError("AMX products run on the CPU: use --device cpu")
     with torch.no_grad():
