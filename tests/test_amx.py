@@ -281,3 +281,16 @@ def test_a_large_packed_copy_starts_on_a_huge_page() -> None:
         with torch.no_grad():
             layer.weight.add_(1.0)
             layer(torch.randn(1, 512))  # repacks
+
+
+@needs_amx
+def test_other_conversions_refuse_a_model_on_amx() -> None:
+    """quantize_int8 and pack_for_cpu replace every Linear: on a converted model that would drop the GELU that c_fc
+    carries, so they refuse in one line."""
+    from toyllm.quantize import pack_for_cpu, quantize_int8
+
+    model = amx.use_amx(GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")))
+    with pytest.raises(InvalidArgumentError, match="^quantize_int8: the model is already on AMX tiles"):
+        quantize_int8(model)
+    with pytest.raises(InvalidArgumentError, match="^pack_for_cpu: the model is already on AMX tiles"):
+        pack_for_cpu(model, "onednn")

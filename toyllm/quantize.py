@@ -115,11 +115,21 @@ def quantize_int8(model: ModuleT) -> ModuleT:
     A tied weight (GPT-2's lm_head shares the token embedding) is quantized as a copy, so the embedding table that
     the input side gathers from stays in full precision.
     """
+    _refuse_amx(model, "quantize_int8")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear.from_linear(child))
     return model
+
+
+def _refuse_amx(model: nn.Module, what: str) -> None:
+    """An AMX layer may carry the MLP's GELU (toyllm/kernels/amx.py): replacing it by another Linear would drop it."""
+    from toyllm.errors import InvalidArgumentError
+    from toyllm.kernels.amx import AmxLinear
+
+    if any(isinstance(m, AmxLinear) for m in model.modules()):
+        raise InvalidArgumentError(f"{what}: the model is already on AMX tiles; convert a model that is not")
 
 
 PackedKind = Literal["onednn", "fp16", "int8-dynamic"]
@@ -183,6 +193,7 @@ def pack_for_cpu(model: ModuleT, kind: PackedKind) -> ModuleT:
     param = next(model.parameters())
     if not packed_kind_available(kind) or param.device.type != "cpu" or param.dtype != torch.float32:
         raise ValueError(f"{kind} layers need a float32 model on a CPU whose torch has that library")
+    _refuse_amx(model, "pack_for_cpu")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
