@@ -217,13 +217,21 @@ class GemvLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> GemvLinear:
-        """Shares `linear`'s Parameter objects, so tied weights (GPT-2's lm_head and wte) stay tied."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        return layer
+        return sharing_linear(cls, linear)
+
+
+LinearT = TypeVar("LinearT", bound=nn.Linear)
+
+
+def sharing_linear(cls: type[LinearT], linear: nn.Linear) -> LinearT:
+    """A `cls` (an nn.Linear subclass) holding `linear`'s own Parameter objects, none allocated: tied weights
+    (GPT-2's lm_head and wte) stay tied. What the kernels' `from_linear` constructors share."""
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = linear.in_features, linear.out_features
+    layer.weight = linear.weight
+    layer.bias = linear.bias
+    return layer
 
 
 def require(purpose: str) -> Any:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toyllm import hugepages
-from toyllm.kernels import ModuleT, load
+from toyllm.kernels import ModuleT, load, sharing_linear
 
 _EMPTY = torch.empty(0)
 
@@ -86,11 +86,7 @@ class AmxLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, gelu: bool = False) -> AmxLinear:
         """Shares `linear`'s Parameter objects, so tied weights (GPT-2's lm_head and wte) stay tied."""
         _require_amx()
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight
-        layer.bias = linear.bias
+        layer = sharing_linear(cls, linear)
         layer.gelu = gelu
         layer.register_buffer("packed", torch.empty(0, dtype=torch.int16), persistent=False)
         layer.repack()
