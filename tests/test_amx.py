@@ -294,3 +294,9 @@ def test_other_conversions_refuse_a_model_on_amx() -> None:
         quantize_int8(model)
     with pytest.raises(InvalidArgumentError, match="^pack_for_cpu: the model is already on AMX tiles"):
         pack_for_cpu(model, "onednn")
+
+
+def test_amx_can_be_turned_off_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOYLLM_KERNEL_AMX", "0")
+    if kernels.load() is not None:
+        assert amx.amx_unavailable_reason() == "disabled by TOYLLM_KERNEL_AMX=0"

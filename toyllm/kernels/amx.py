@@ -14,6 +14,7 @@ the packed copy follows any in-place change to them.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -33,6 +34,8 @@ def amx_unavailable_reason() -> str | None:
         from toyllm.kernels import unavailable_reason
 
         return f"toyllm's CPU kernel is unavailable: {unavailable_reason()}"
+    if os.environ.get("TOYLLM_KERNEL_AMX") == "0":  # (amx.cpp reads it too)
+        return "disabled by TOYLLM_KERNEL_AMX=0"
     if not torch.ops.toyllm.amx_ready():
         return "this CPU has no AMX-BF16 (an Intel Xeon from Sapphire Rapids on), or Linux refused it to this process"
     return None
