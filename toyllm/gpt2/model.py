@@ -73,6 +73,10 @@ def attention_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class GPT2Attention(nn.Module):
+    # Whether a cached forward without padding applies the causal mask by itself (toyllm/kernels/attention.py's fused
+    # subclass does), so the model need not build one.
+    masks_cache_itself = False
+
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
         self.n_head = config.n_head
@@ -205,7 +209,10 @@ class GPT2LMHeadModel(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(x)
-        mask, is_causal = build_attention_mask(T, past, attention_mask, input_ids.device, attention_dtype(x))
+        if cache is not None and attention_mask is None and self._attention_masks_cache():
+            mask, is_causal = None, False
+        else:
+            mask, is_causal = build_attention_mask(T, past, attention_mask, input_ids.device, attention_dtype(x))
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and cache is None:
                 # Recompute the block's activations in backward instead of storing them: less memory, ~1/3 more
@@ -235,6 +242,11 @@ class GPT2LMHeadModel(nn.Module):
             ignore_index=-100,
         )
         return CausalLMOutput(loss, logits)
+
+    def _attention_masks_cache(self) -> bool:
+        """Whether the blocks' attention masks a cached forward itself (toyllm/kernels/attention.py)."""
+        attn = self.transformer.h[0].attn
+        return isinstance(attn, GPT2Attention) and attn.masks_cache_itself
 
     # -- conveniences --------------------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ _SOURCE = Path(__file__).with_name("gemv.cpp")
 _MORE_SOURCES = (  # built into the same module
     Path(__file__).with_name("amx.cpp"),  # AMX tiles (toyllm/kernels/amx.py)
     Path(__file__).with_name("argmax.cpp"),  # the greedy token on every thread (toyllm/sampling.py `greedy`)
+    Path(__file__).with_name("attention.cpp"),  # attention over a KV cache in one call (toyllm/kernels/attention.py)
 )
 _state: dict[str, Any] = {}
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -142,6 +143,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("toyllm::amx_linear")
     def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, n: int, gelu: bool = False) -> torch.Tensor:
         return x.new_empty(x.shape[0], n)
+
+    @torch.library.register_fake("toyllm::cached_attention")
+    def _(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, past: int) -> torch.Tensor:
+        return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
 
     @torch.library.register_fake("toyllm::argmax_rows")
     def _(x: torch.Tensor) -> torch.Tensor:

@@ -133,13 +133,15 @@ _converted: weakref.WeakKeyDictionary[nn.Linear, AmxLinear] = weakref.WeakKeyDic
 
 
 def use_amx(model: ModuleT) -> ModuleT:
-    """Route every `nn.Linear` of `model` (in place) through AMX; returns the model.
+    """Route every `nn.Linear` of `model` (in place) through AMX, and its cached attention through the fused kernel
+    (toyllm/kernels/attention.py); returns the model.
 
     Raises a one-line `InvalidArgumentError` where AMX is unavailable. A self-speculative draft shares the target's
     layers and head: whichever model is converted first, each Linear is packed once.
     """
     from toyllm.errors import InvalidArgumentError
     from toyllm.gpt2.model import GPT2MLP
+    from toyllm.kernels.attention import use_cached_attention
 
     _require_amx()
     if any(p.device.type != "cpu" for p in model.parameters()):
@@ -156,4 +158,4 @@ def use_amx(model: ModuleT) -> ModuleT:
                     setattr(parent, name, _converted[child])
             if fuse:
                 parent.act = nn.Identity()
-    return model
+    return use_cached_attention(model)

@@ -1,0 +1,66 @@
+"""Attention over a KV cache in one operator (attention.cpp), for decoding on the CPU.
+
+Why: a decode step's attention is little arithmetic wrapped in many small operators: c_attn's output split into q, k
+and v, three views and transposes, two writes into the cache, a causal mask for the new rows, SDPA, and a transpose
+and copy back. On 2 CPU cores those took 30 to 40 us per layer, a sixth of a 6-layer, 384-wide model's step and a
+quarter of a 2-layer draft's; a speculative verification of K + 1 rows paid more of it than a one-token step did.
+`toyllm::cached_attention` does all of it in one call: it writes the new keys and values at rows [P, P + T) of the
+cache and attends each new query to keys 0 .. its own position, the bottom-right causal mask, without building one.
+
+It computes each (sequence, head, query) on its own, so a row comes out the same bit for bit whether it is decoded
+alone or verified among K + 1 rows: speculative greedy output stays equal to plain greedy output. Against SDPA it
+differs by float32 rounding (about 1e-7 on unit-scale inputs).
+
+Only the case it was made for goes through it: inference on the CPU in float32, with a cache and no padding. A left-
+padded batch, a model in another dtype, or anything that needs gradients takes `GPT2Attention`'s own path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from toyllm.gpt2.model import GPT2Attention, attention_dtype, build_attention_mask
+from toyllm.kernels import ModuleT
+from toyllm.kv_cache import KVCache
+
+
+class CachedAttention(GPT2Attention):
+    """`GPT2Attention` (same parameters, same state dict) whose cached forward is `toyllm::cached_attention`."""
+
+    # The model then builds no causal mask for a cached forward without padding; the fallback below builds its own.
+    masks_cache_itself = True
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        if cache is None or mask is not None:  # training, or a padded batch: its mask came from the model
+            return super().forward(x, cache, mask, is_causal)
+        B, T, C = x.shape
+        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        if (
+            x.device.type == "cpu"
+            and x.dtype == k_cache.dtype == torch.float32
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and cache.length + T <= cache.max_len  # (else cache.update raises its usual error below)
+        ):
+            qkv = self.c_attn(x).contiguous()  # (B, T, 3C): q, k, v side by side
+            y = torch.ops.toyllm.cached_attention(qkv, k_cache, v_cache, cache.length)  # (B, T, C)
+            return self.resid_dropout(self.c_proj(y))
+        mask, is_causal = build_attention_mask(T, cache.length, None, x.device, attention_dtype(x))
+        return super().forward(x, cache, mask, is_causal)
+
+
+def use_cached_attention(model: ModuleT) -> ModuleT:
+    """Give every `GPT2Attention` of `model` the fused cached forward, in place; returns the model.
+
+    The modules keep their identity (their class is swapped, nothing is copied), so a self-speculative draft, which
+    lists the target's own blocks, gets it too. Raises a one-line `InvalidArgumentError` where toyllm's CPU kernel
+    cannot be built.
+    """
+    from toyllm.kernels import require
+
+    require("fused cached attention")
+    for module in model.modules():
+        if type(module) is GPT2Attention:
+            module.__class__ = CachedAttention
+    return model
