@@ -128,7 +128,7 @@ def prefill(
     padded = valid is not None and not bool(valid.all())
     pos = _positions(valid) if padded and valid is not None else None
     step = chunk_size if (chunk_size and cache is not None) else L
-    logits = ids.new_empty(0)
+    logits = None
     for start in range(0, L, step):
         end = min(L, start + step)
         logits = model(
@@ -138,6 +138,7 @@ def prefill(
             attention_mask=valid[:, :end] if padded and valid is not None else None,
             logits_to_keep=1,
         )
+    assert logits is not None, "prefill needs at least one token"
     return logits[:, -1]
 
 
@@ -168,11 +169,12 @@ class _StopChecker:
                 if not self.finished[row] and self._stop_string_in(generated[row, -self.tail - new.shape[1] :]):
                     self.finished[row] = True
 
-    def stops_at(self, token: int, generated: torch.Tensor) -> bool:
-        """Whether a row that has just emitted `token` (a host int, the last of its new tokens `generated`, (G,))
-        ends there: the speculative decoders' test, token by token, as their rounds emit different numbers of tokens
-        per row. The EOS test reads the int: no kernel and no device sync, unless stop strings need the text."""
-        return token == self.eos or bool(self.stop) and self._stop_string_in(generated[-self.tail - 1 :])
+    def stops_at(self, token: int, row: torch.Tensor, start: int, end: int) -> bool:
+        """Whether a row that has just emitted `token` (a host int) ends there; `row[start:end]` (1-D) is everything it
+        generated, `token` last. The speculative decoders' test, token by token, as their rounds emit different numbers
+        of tokens per row. The EOS test reads the int: no tensor is touched (not even sliced: a slice per token was a
+        visible share of a small model's round) and no device sync, unless stop strings need the text."""
+        return token == self.eos or bool(self.stop) and self._stop_string_in(row[max(start, end - self.tail - 1) : end])
 
     def _stop_string_in(self, tail: torch.Tensor) -> bool:
         assert self.tokenizer is not None

@@ -414,11 +414,14 @@ class BatchSpeculativeDecoder:
         """Advance row b over its round's new tokens (host ints), one at a time, stopping after EOS, a stop string or
         max_new_tokens; return how many it emitted."""
         column = start = int(self.next_column[b])
+        row = self.tokens[b]  # (columns,)
         for token in new_ids:
             column += 1
             self.stats.new_tokens += 1
-            generated = self.tokens[b, self.prompt_columns : column]  # (G,), read only for stop strings
-            if self.stopper.stops_at(token, generated) or column - self.prompt_columns >= self.config.max_new_tokens:
+            if (
+                self.stopper.stops_at(token, row, self.prompt_columns, column)
+                or column - self.prompt_columns >= self.config.max_new_tokens
+            ):
                 self.finished[b] = True
                 self.tokens[b, column:] = self.pad  # a finished row shows padding, as in plain batched decoding
                 break

@@ -230,9 +230,8 @@ class SpeculativeDecoder:
         """
         for i, token in enumerate(new_ids):
             self.length += 1
-            generated = self.tokens[self.prompt_length : self.length]  # (G,), read only for stop strings
             if (
-                self.stopper.stops_at(token, generated)
+                self.stopper.stops_at(token, self.tokens, self.prompt_length, self.length)
                 or self.length - self.prompt_length >= self.config.max_new_tokens
             ):
                 self.done = True
@@ -244,11 +243,12 @@ class SpeculativeDecoder:
     def _process(
         self, logits: torch.Tensor, previous: torch.Tensor | None, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The plain-generation sampling pipeline: (rows, V) logits after the tokens `previous` (rows, T)."""
+        """The plain-generation sampling pipeline: (rows, V) logits after the tokens `previous` (rows, T), which the
+        callers pass only when a repetition penalty reads them (None otherwise: no slice taken per token)."""
         c = self.config
         return process_logits(
             logits,
-            previous if c.repetition_penalty != 1.0 else None,
+            previous,
             temperature=c.temperature,
             top_k=c.top_k,
             top_p=c.top_p,
@@ -272,7 +272,8 @@ class SpeculativeDecoder:
             ids = self.tokens[None, dw.end : pos]  # the 1 or 2 tokens its cache lacks (the context after a slide)
             start = time.perf_counter()
             logits = prefill(self.draft, dw.cache, ids, chunk_size=self.config.chunk_size)  # (1, V)
-            processed = self._process(logits, self.tokens[None, :pos])
+            previous = self.tokens[None, :pos] if self.config.repetition_penalty != 1.0 else None  # what it penalises
+            processed = self._process(logits, previous)
             # The draft's confidence: its top probability (before the greedy one-hot, so it means something at T=0).
             confidence = float(draft_confidence(self.draft, processed)) if self.schedule.uses_confidence else math.nan
             if not self.schedule.keep_drafting(i, confidence) and i > 1:
