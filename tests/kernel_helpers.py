@@ -18,13 +18,16 @@ needs_kernel = pytest.mark.skipif(
 class KernelCalls(TorchDispatchMode):
     """Inside `with KernelCalls() as calls:`, `calls.rows` lists the rows of x of every call of the kernel's operator
     (torch.ops.toyllm.gemv, or amx_linear), in order: proof that a product went through the kernel, not torch's
-    matmul."""
+    matmul. `calls.attention` lists the new tokens of every `toyllm::cached_attention` call."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[int] = []
+        self.attention: list[int] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func.namespace == "toyllm" and func._opname in ("gemv", "amx_linear"):  # products, not argmax_rows
             self.rows.append(int(args[0].shape[0]))
+        if func.namespace == "toyllm" and func._opname == "cached_attention":
+            self.attention.append(int(args[0].shape[1]))
         return func(*args, **(kwargs or {}))

@@ -16,7 +16,7 @@ from toyllm.errors import InvalidArgumentError
 from toyllm.generation import GenerationConfig, generate
 from toyllm.gpt2 import GPT2Config, GPT2LMHeadModel
 from toyllm.gpt2 import model as model_module
-from toyllm.kernels.attention import CachedAttention, use_cached_attention
+from toyllm.kernels.attention import MAX_NEW_TOKENS, CachedAttention, use_cached_attention
 from toyllm.kv_cache import KVCache
 
 pytestmark = needs_kernel
@@ -41,6 +41,7 @@ def _reference(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -
 # (batch, new rows, heads, head size, cached rows): one-token steps, verifications, a prefill from nothing, head sizes
 # that are not a multiple of the 8-float vector (12, 5), a long cache (several vectors of scores plus a tail).
 SHAPES = [(1, 1, 6, 64, 60), (1, 3, 6, 64, 60), (1, 9, 4, 16, 200), (2, 5, 4, 16, 0), (3, 2, 2, 12, 7), (1, 4, 3, 5, 9)]
+SHAPES += [(2, 21, 2, 40, 3)]  # two groups of queries (16 share a pass over the keys), 32 + 8 outputs per head
 
 
 @pytest.mark.parametrize(("B", "T", "H", "D", "past"), SHAPES)
@@ -58,13 +59,14 @@ def test_the_operator_is_sdpa_over_the_cache_with_the_bottom_right_mask(
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_row_is_the_same_bit_for_bit_alone_or_among_others() -> None:
-    """Five queries in one call give exactly what five one-query calls give: a verification's rows are the rows that
-    plain decoding would have computed."""
+@pytest.mark.parametrize("T", [5, 20])
+def test_a_row_is_the_same_bit_for_bit_alone_or_among_others(T: int) -> None:
+    """T queries in one call give exactly what T one-query calls give: a verification's rows are the rows that
+    plain decoding would have computed (20: across two groups of queries)."""
     torch.manual_seed(1)
-    B, T, H, D, past = 2, 5, 3, 32, 17
+    B, H, D, past = 2, 3, 32, 17
     qkv = torch.randn(B, T, 3 * H * D)
-    k, v = torch.randn(B, H, 40, D), torch.randn(B, H, 40, D)
+    k, v = torch.randn(B, H, 48, D), torch.randn(B, H, 48, D)
     k1, v1 = k.clone(), v.clone()
     together = torch.ops.toyllm.cached_attention(qkv, k, v, past)
     one_by_one = [torch.ops.toyllm.cached_attention(qkv[:, t : t + 1].contiguous(), k1, v1, past + t) for t in range(T)]
@@ -101,6 +103,25 @@ def test_a_model_with_it_decodes_the_logits_of_the_plain_model(
         cache = KVCache.for_model(fused, 2, 32)
         pieces = [fused(ids[:, a:b], cache=cache) for a, b in [(0, 7), (7, 8), (8, 11), (11, 20)]]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_long_forward_takes_sdpa_with_the_plain_models_numbers(
+    models: tuple[GPT2LMHeadModel, GPT2LMHeadModel],
+) -> None:
+    """More than MAX_NEW_TOKENS new tokens (a long prompt, or its chunks after the first) go through SDPA, with the
+    mask the module builds itself: exactly the plain model's numbers, and no call of the operator."""
+    from kernel_helpers import KernelCalls
+
+    model, fused = models
+    T = MAX_NEW_TOKENS + 2
+    ids = torch.randint(0, model.config.vocab_size, (1, 2 * T + 1))
+    with torch.no_grad(), KernelCalls() as calls:
+        cache_a, cache_b = KVCache.for_model(model, 1, 128), KVCache.for_model(fused, 1, 128)
+        for a, b in [(0, T), (T, 2 * T)]:  # a first chunk (causal from an empty cache), then one with the mask
+            assert torch.equal(fused(ids[:, a:b], cache=cache_b), model(ids[:, a:b], cache=cache_a))
+        assert not calls.attention
+        fused(ids[:, 2 * T :], cache=cache_b)  # one more token: the operator again
+    assert calls.attention == [1] * fused.config.n_layer
 
 
 def test_padding_dtypes_gradients_and_overflow_take_torchs_path(

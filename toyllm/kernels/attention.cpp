@@ -48,58 +48,92 @@ __m256 sums8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, _
     return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-// scores[j] = scale * q . keys[j] for j < S; keys: (S, D). Eight keys at a time, their dot products summed together
-// (sums8). Which keys go in blocks of eight depends only on S, the query's own position: a row is computed the same
-// way whatever other rows share the call.
-void scores_of(const float* q, const float* keys, int64_t S, int64_t D, float scale, float* scores) {
-    const int64_t Dv = D / 8 * 8;
-    int64_t j = 0;
-    for (; j + 8 <= S; j += 8) {
+// For n queries q[t], each over its first S[t] keys (keys: (max S, D)): scores[t * stride + j] = scale * q[t] . keys[j].
+// Eight keys at a time, their dot products summed together (sums8), and each block of eight keys, loaded once, serves
+// every query of the group from L1. Per query the arithmetic is fixed by its own S (which keys form full blocks of
+// eight, the order of every sum), so a row comes out the same whatever other rows share the call.
+void scores_of(const float* const* q, const int64_t* S, int64_t n, const float* keys, int64_t D, float scale,
+               float* scores, int64_t stride) {
+    const int64_t Dv = D / 8 * 8, S_max = S[n - 1];  // S grows with t: query t sits at position past + t
+    for (int64_t j = 0; j + 8 <= S_max; j += 8) {
         const float* k = keys + j * D;
-        __m256 a[8];
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < Dv; d += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + d);
-            for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i * D + d), a[i]);
-        }
-        alignas(32) float s[8];
-        _mm256_store_ps(s, sums8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
-        for (int i = 0; i < 8; ++i) {
-            for (int64_t d = Dv; d < D; ++d) s[i] += q[d] * k[i * D + d];  // a head size that is not a multiple of 8
-            scores[j + i] = s[i] * scale;
+        for (int64_t t = 0; t < n; ++t) {
+            if (j + 8 > S[t]) continue;  // past this query's last full block: its tail is done below
+            __m256 a[8];
+            for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < Dv; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(q[t] + d);
+                for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i * D + d), a[i]);
+            }
+            alignas(32) float s8[8];
+            _mm256_store_ps(s8, sums8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+            for (int i = 0; i < 8; ++i) {
+                for (int64_t d = Dv; d < D; ++d) s8[i] += q[t][d] * k[i * D + d];  // a head size not a multiple of 8
+                scores[t * stride + j + i] = s8[i] * scale;
+            }
         }
     }
-    for (; j < S; ++j) scores[j] = dot(q, keys + j * D, D) * scale;
+    for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = S[t] / 8 * 8; j < S[t]; ++j) scores[t * stride + j] = dot(q[t], keys + j * D, D) * scale;
 }
 
-// out[0:D] = sum over j < S of w[j] * values[j]; values: (S, D). 32 outputs at a time stay in registers while the
-// values stream past, then 8 at a time, then one by one.
-void weighted_sum(const float* w, const float* values, int64_t S, int64_t D, float* out) {
-    int64_t d = 0;
-    for (; d + 32 <= D; d += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (int64_t j = 0; j < S; ++j) {
-            const __m256 wj = _mm256_set1_ps(w[j]);
-            const float* v = values + j * D + d;
-            a0 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v), a0);
-            a1 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8), a1);
-            a2 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 16), a2);
-            a3 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 24), a3);
+// out[t][0:D] = sum over j < S[t] of w[t * stride + j] * values[j], for n queries, two at a time so that each value
+// loaded serves both. Outputs stay in registers, 32 per query while the values stream past, then 8, then one by one;
+// each query's sum runs over j in order, whatever its partner.
+void weighted_sum(const float* w, int64_t stride, const int64_t* S, int64_t n, const float* values, int64_t D,
+                  float* const* out) {
+    for (int64_t t = 0; t < n; t += 2) {
+        const bool pair = t + 1 < n;
+        const float* w0 = w + t * stride;
+        const float* w1 = pair ? w0 + stride : w0;
+        const int64_t S0 = S[t], S1 = pair ? S[t + 1] : S[t];  // S0 <= S1
+        int64_t d = 0;
+        for (; d + 32 <= D; d += 32) {
+            __m256 a[4], b[4];
+            for (int i = 0; i < 4; ++i) a[i] = b[i] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < S1; ++j) {
+                const float* v = values + j * D + d;
+                const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+                             v3 = _mm256_loadu_ps(v + 24);
+                if (j < S0) {
+                    const __m256 x = _mm256_set1_ps(w0[j]);
+                    a[0] = _mm256_fmadd_ps(x, v0, a[0]);
+                    a[1] = _mm256_fmadd_ps(x, v1, a[1]);
+                    a[2] = _mm256_fmadd_ps(x, v2, a[2]);
+                    a[3] = _mm256_fmadd_ps(x, v3, a[3]);
+                }
+                if (pair) {
+                    const __m256 x = _mm256_set1_ps(w1[j]);
+                    b[0] = _mm256_fmadd_ps(x, v0, b[0]);
+                    b[1] = _mm256_fmadd_ps(x, v1, b[1]);
+                    b[2] = _mm256_fmadd_ps(x, v2, b[2]);
+                    b[3] = _mm256_fmadd_ps(x, v3, b[3]);
+                }
+            }
+            for (int i = 0; i < 4; ++i) {
+                _mm256_storeu_ps(out[t] + d + 8 * i, a[i]);
+                if (pair) _mm256_storeu_ps(out[t + 1] + d + 8 * i, b[i]);
+            }
         }
-        _mm256_storeu_ps(out + d, a0);
-        _mm256_storeu_ps(out + d + 8, a1);
-        _mm256_storeu_ps(out + d + 16, a2);
-        _mm256_storeu_ps(out + d + 24, a3);
-    }
-    for (; d + 8 <= D; d += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t j = 0; j < S; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(values + j * D + d), a);
-        _mm256_storeu_ps(out + d, a);
-    }
-    for (; d < D; ++d) {
-        float a = 0.0f;
-        for (int64_t j = 0; j < S; ++j) a += w[j] * values[j * D + d];
-        out[d] = a;
+        for (; d + 8 <= D; d += 8) {
+            __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+            for (int64_t j = 0; j < S1; ++j) {
+                const __m256 v = _mm256_loadu_ps(values + j * D + d);
+                if (j < S0) a = _mm256_fmadd_ps(_mm256_set1_ps(w0[j]), v, a);
+                if (pair) b = _mm256_fmadd_ps(_mm256_set1_ps(w1[j]), v, b);
+            }
+            _mm256_storeu_ps(out[t] + d, a);
+            if (pair) _mm256_storeu_ps(out[t + 1] + d, b);
+        }
+        for (; d < D; ++d) {
+            float a = 0.0f, b = 0.0f;
+            for (int64_t j = 0; j < S1; ++j) {
+                if (j < S0) a += w0[j] * values[j * D + d];
+                if (pair) b += w1[j] * values[j * D + d];
+            }
+            out[t][d] = a;
+            if (pair) out[t + 1][d] = b;
+        }
     }
 }
 
@@ -177,23 +211,34 @@ torch::Tensor cached_attention(torch::Tensor qkv, torch::Tensor k_cache, torch::
                 std::memcpy(vc + at, row + 2 * C, D * sizeof(float));
             }
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    // One task per (sequence, head, query), about (past + T) * D multiply-adds twice over (scores, then the sum). A
-    // thread gets at least 64K of them: a one-token step of a 6-head model over 60 keys (27K) stays on one thread,
-    // where splitting it did not pay (4.3 us a call on one thread, 4.7 us on two, on a 2-core Xeon).
-    const int64_t tasks = B * H * T, work = (past + T) * D;
+    // One task per (sequence, head, group of up to 16 queries): a group shares every key and value it loads. A thread
+    // takes tasks worth at least 64K multiply-adds (each query costs about (past + T) * D twice over: scores, then
+    // the sum), so a one-token step of a 6-head model over 60 keys stays on one thread, where splitting it did not
+    // pay (4.3 us a call on one thread, 4.7 us on two, on a 2-core Xeon).
+    constexpr int64_t kGroup = 16;
+    const int64_t groups = (T + kGroup - 1) / kGroup, tasks = B * H * groups;
+    const int64_t work = std::min(T, kGroup) * (past + T) * D;
     at::parallel_for(0, tasks, std::max<int64_t>(1, 65536 / work), [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(past + T);
+        std::vector<float> scores(kGroup * (past + T));
+        const float* q[kGroup];
+        float* o[kGroup];
+        int64_t S[kGroup];
         for (int64_t task = begin; task < end; ++task) {
-            const int64_t b = task / (H * T), h = task / T % H, t = task % T, S = past + t + 1;
-            const float* q = src + (b * T + t) * C3 + h * D;
+            const int64_t b = task / (H * groups), h = task / groups % H, t0 = task % groups * kGroup;
+            const int64_t n = std::min(kGroup, T - t0), stride = past + T;
+            for (int64_t i = 0; i < n; ++i) {
+                q[i] = src + (b * T + t0 + i) * C3 + h * D;
+                o[i] = out + (b * T + t0 + i) * C + h * D;
+                S[i] = past + t0 + i + 1;  // the bottom-right causal mask: keys up to the query's own position
+            }
             const float* keys = kc + (b * H + h) * L * D;
             const float* values = vc + (b * H + h) * L * D;
-            scores_of(q, keys, S, D, scale, scores.data());
-            const float total = softmax_numerators(scores.data(), S);
-            float* o = out + (b * T + t) * C + h * D;
-            weighted_sum(scores.data(), values, S, D, o);
-            const float inv = 1.0f / total;
-            for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+            scores_of(q, S, n, keys, D, scale, scores.data(), stride);
+            float inv[kGroup];
+            for (int64_t i = 0; i < n; ++i) inv[i] = 1.0f / softmax_numerators(scores.data() + i * stride, S[i]);
+            weighted_sum(scores.data(), stride, S, n, values, D, o);
+            for (int64_t i = 0; i < n; ++i)
+                for (int64_t d = 0; d < D; ++d) o[i][d] *= inv[i];
         }
     });
     return y;
