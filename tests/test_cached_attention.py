@@ -59,12 +59,13 @@ def test_the_operator_is_sdpa_over_the_cache_with_the_bottom_right_mask(
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("T", [5, 20])
-def test_a_row_is_the_same_bit_for_bit_alone_or_among_others(T: int) -> None:
+# 20: across two groups of queries; 12, 5, 1: head sizes whose scalar tails are summed with and without a partner
+@pytest.mark.parametrize(("T", "D"), [(5, 32), (20, 32), (6, 12), (17, 5), (17, 1)])
+def test_a_row_is_the_same_bit_for_bit_alone_or_among_others(T: int, D: int) -> None:
     """T queries in one call give exactly what T one-query calls give: a verification's rows are the rows that
-    plain decoding would have computed (20: across two groups of queries)."""
+    plain decoding would have computed."""
     torch.manual_seed(1)
-    B, H, D, past = 2, 3, 32, 17
+    B, H, past = 2, 3, 8
     qkv = torch.randn(B, T, 3 * H * D)
     k, v = torch.randn(B, H, 48, D), torch.randn(B, H, 48, D)
     k1, v1 = k.clone(), v.clone()
@@ -177,6 +178,49 @@ def test_a_self_draft_made_before_the_conversion_gets_it_too() -> None:
     draft = target.first_layers(1)
     use_cached_attention(target)
     assert type(draft.transformer.h[0].attn) is CachedAttention
+
+
+def test_converting_only_a_self_draft_leaves_the_target_masked() -> None:
+    """The draft's block 0 is the target's: the target then has one converted block and one plain one, and the
+    plain one still gets its causal mask."""
+    torch.manual_seed(5)
+    target = GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).eval()
+    ids = torch.randint(0, target.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        full = target(ids)
+        use_cached_attention(target.first_layers(1))
+        cache = KVCache.for_model(target, 1, 16)
+        pieces = [target(ids[:, :9], cache=cache), target(ids[:, 9:], cache=cache)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_gradients_and_training_take_torchs_path(models: tuple[GPT2LMHeadModel, GPT2LMHeadModel]) -> None:
+    """Where the operator would compute something else (bfloat16 queries under autocast, attention dropout in train
+    mode) or lose something (gradients: it has no backward), the forward is GPT2Attention's own."""
+    from kernel_helpers import KernelCalls
+
+    model, fused = models
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+
+    def cached(m: GPT2LMHeadModel) -> torch.Tensor:
+        torch.manual_seed(0)  # the same dropout draws for both models
+        cache = KVCache.for_model(m, 1, 16)
+        m(ids[:, :4], cache=cache)
+        return m(ids[:, 4:], cache=cache)
+
+    with KernelCalls() as calls:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(cached(fused), cached(model))
+        with torch.no_grad():
+            model.train(), fused.train()
+            try:
+                assert torch.equal(cached(fused), cached(model))
+            finally:
+                model.eval(), fused.eval()
+        fused(ids, cache=KVCache.for_model(fused, 1, 16)).sum().backward()  # gradients on: through c_attn as well
+        assert fused.transformer.h[0].attn.c_attn.weight.grad is not None
+        fused.zero_grad(set_to_none=True)
+    assert not calls.attention
 
 
 def test_refused_in_one_line_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

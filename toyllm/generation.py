@@ -138,7 +138,8 @@ def prefill(
             attention_mask=valid[:, :end] if padded and valid is not None else None,
             logits_to_keep=1,
         )
-    assert logits is not None, "prefill needs at least one token"
+    if logits is None:
+        raise InvalidArgumentError("prefill needs at least one token")
     return logits[:, -1]
 
 

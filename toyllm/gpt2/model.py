@@ -244,9 +244,9 @@ class GPT2LMHeadModel(nn.Module):
         return CausalLMOutput(loss, logits)
 
     def _attention_masks_cache(self) -> bool:
-        """Whether the blocks' attention masks a cached forward itself (toyllm/kernels/attention.py)."""
-        attn = self.transformer.h[0].attn
-        return isinstance(attn, GPT2Attention) and attn.masks_cache_itself
+        """Whether every block's attention masks a cached forward itself (toyllm/kernels/attention.py). Every one:
+        converting a self-speculative draft converts only the target's first blocks, and the others need the mask."""
+        return all(isinstance(b.attn, GPT2Attention) and b.attn.masks_cache_itself for b in self.transformer.h)
 
     # -- conveniences --------------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ float dot(const float* a, const float* b, int64_t n) {
     }
     for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     float s = hsum(_mm256_add_ps(acc0, acc1));
-    for (; i < n; ++i) s += a[i] * b[i];
+    for (; i < n; ++i) s = std::fma(a[i], b[i], s);
     return s;
 }
 
@@ -68,7 +68,7 @@ void scores_of(const float* const* q, const int64_t* S, int64_t n, const float* 
             alignas(32) float s8[8];
             _mm256_store_ps(s8, sums8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
             for (int i = 0; i < 8; ++i) {
-                for (int64_t d = Dv; d < D; ++d) s8[i] += q[t][d] * k[i * D + d];  // a head size not a multiple of 8
+                for (int64_t d = Dv; d < D; ++d) s8[i] = std::fma(q[t][d], k[i * D + d], s8[i]);  // D % 8 != 0
                 scores[t * stride + j + i] = s8[i] * scale;
             }
         }
@@ -79,7 +79,9 @@ void scores_of(const float* const* q, const int64_t* S, int64_t n, const float* 
 
 // out[t][0:D] = sum over j < S[t] of w[t * stride + j] * values[j], for n queries, two at a time so that each value
 // loaded serves both. Outputs stay in registers, 32 per query while the values stream past, then 8, then one by one;
-// each query's sum runs over j in order, whatever its partner.
+// each query's sum runs over j in order, whatever its partner. Scalar tails use std::fma, never `a += w * v`: the
+// compiler may fuse that multiply-add in one copy of a loop and not in another, and a row would then differ by a
+// rounding between a call where it has a partner and one where it has none.
 void weighted_sum(const float* w, int64_t stride, const int64_t* S, int64_t n, const float* values, int64_t D,
                   float* const* out) {
     for (int64_t t = 0; t < n; t += 2) {
@@ -128,8 +130,8 @@ void weighted_sum(const float* w, int64_t stride, const int64_t* S, int64_t n, c
         for (; d < D; ++d) {
             float a = 0.0f, b = 0.0f;
             for (int64_t j = 0; j < S1; ++j) {
-                if (j < S0) a += w0[j] * values[j * D + d];
-                if (pair) b += w1[j] * values[j * D + d];
+                if (j < S0) a = std::fma(w0[j], values[j * D + d], a);
+                if (pair) b = std::fma(w1[j], values[j * D + d], b);
             }
             out[t][d] = a;
             if (pair) out[t + 1][d] = b;
@@ -196,8 +198,10 @@ torch::Tensor cached_attention(torch::Tensor qkv, torch::Tensor k_cache, torch::
     const int64_t B = qkv.size(0), T = qkv.size(1), C3 = qkv.size(2);
     const int64_t H = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3), C = H * D;
     TORCH_CHECK(k_cache.size(0) == B && C3 == 3 * C, "cached_attention: qkv and the caches do not fit together");
+    TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu(), "cached_attention: the caches must be on the CPU");
     TORCH_CHECK(past >= 0 && past + T <= L, "cached_attention: the cache holds ", L, " rows, not ", past + T);
     auto y = torch::empty({B, T, C}, qkv.options());
+    if (B == 0 || T == 0 || H == 0) return y;
     const float* src = qkv.data_ptr<float>();
     float* kc = k_cache.data_ptr<float>();
     float* vc = v_cache.data_ptr<float>();

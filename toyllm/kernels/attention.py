@@ -11,11 +11,13 @@ It computes each (sequence, head, query) on its own, so a row comes out the same
 alone or verified among K + 1 rows: speculative greedy output stays equal to plain greedy output. Against SDPA it
 differs by float32 rounding (about 1e-7 on unit-scale inputs).
 
-Only the case it was made for goes through it: inference on the CPU in float32, with a cache, no padding, and at most
-`MAX_NEW_TOKENS` new tokens (decode steps, speculative verifications, short prompts). A long prompt takes SDPA,
-whose blocked kernels were faster there (a 1000-token prefill of gpt2 took 330 ms with this operator against 251 ms
-with SDPA, in a scratch timing on a 2-core Xeon). So do a left-padded batch, a model in another dtype, and anything
-that needs gradients: `GPT2Attention`'s own path.
+Only the case it was made for goes through it: inference (no gradients, eval mode) on the CPU in float32, with a
+cache, no padding, and at most `MAX_NEW_TOKENS` new tokens (decode steps, speculative verifications, short
+prompts). A long prompt takes SDPA, whose blocked kernels were faster there (a 1000-token prefill of gpt2 took 330 ms
+with this operator against 251 ms with SDPA, in a scratch timing on a 2-core Xeon). So do a left-padded batch, a
+model in another dtype or under autocast, and anything that needs gradients: `GPT2Attention`'s own path. A
+verification of more than `MAX_NEW_TOKENS` tokens (K > 31) therefore computes its rows with SDPA, and its greedy
+output is then not guaranteed equal to plain decoding's bit for bit.
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ class CachedAttention(GPT2Attention):
         if (
             T <= MAX_NEW_TOKENS
             and x.device.type == "cpu"
-            and x.dtype == k_cache.dtype == torch.float32
-            and not (torch.is_grad_enabled() and x.requires_grad)
+            and attention_dtype(x) == k_cache.dtype == v_cache.dtype == torch.float32  # (autocast: not float32)
+            and not torch.is_grad_enabled()  # the operator has no backward
+            and not self.training  # nor attention dropout
+            and k_cache.shape[1] == self.n_head  # a cache of another head split: let cache.update refuse it
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
             and cache.length + T <= cache.max_len  # (else cache.update raises its usual error below)
         ):
             qkv = self.c_attn(x).contiguous()  # (B, T, 3C): q, k, v side by side
