@@ -2,14 +2,15 @@
 
 Why: a decode step's attention is little arithmetic wrapped in many small operators: c_attn's output split into q, k
 and v, three views and transposes, two writes into the cache, a causal mask for the new rows, SDPA, and a transpose
-and copy back. On 2 CPU cores those took 30 to 40 us per layer, a sixth of a 6-layer, 384-wide model's step and a
-quarter of a 2-layer draft's; a speculative verification of K + 1 rows paid more of it than a one-token step did.
+and copy back. On 2 CPU cores, replacing them made a 6-layer, 384-wide model's step about a sixth shorter and a
+2-layer draft's about a quarter (a scratch A/B), and a verification of K + 1 rows paid more for them than a
+one-token step did.
 `toyllm::cached_attention` does all of it in one call: it writes the new keys and values at rows [P, P + T) of the
 cache and attends each new query to keys 0 .. its own position, the bottom-right causal mask, without building one.
 
-It computes each (sequence, head, query) on its own, so a row comes out the same bit for bit whether it is decoded
-alone or verified among K + 1 rows: speculative greedy output stays equal to plain greedy output. Against SDPA it
-differs by float32 rounding (about 1e-7 on unit-scale inputs).
+Each query's arithmetic depends on its own position alone (queries are grouped only to share loads), so a row comes
+out the same bit for bit whether it is decoded alone or verified among K + 1 rows: speculative greedy output stays
+equal to plain greedy output. Against SDPA it differs by float32 rounding (about 1e-7 on unit-scale inputs).
 
 Only the case it was made for goes through it: inference (no gradients, eval mode) on the CPU in float32, with a
 cache, no padding, and at most `MAX_NEW_TOKENS` new tokens (decode steps, speculative verifications, short
